@@ -1,0 +1,57 @@
+"""The bridge projector: user state and pooled history -> L prefix slots of width d.
+
+    P_u = reshape(user_up(u), (L, d))       user_up is the identity when the row is already L*d wide
+    P_q = reshape(W c + b, (L, d))          one linear layer, as in the authors' code
+    P   = P_u + P_q                         (B, L, d)
+
+Example::
+
+    proj = BridgeProjector(BridgeProjectorConfig(slots=8), d=576, user_dim=8 * 576)
+    prefix = proj(user_state, context)      # (B, 8, 576)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BridgeProjectorConfig:
+    """Args:
+    slots: L, the number of soft tokens.
+    use_user_state: include P_u (False = the ``pq_only`` ablation).
+    use_history: include P_q (False = the ``pu_only`` ablation).
+    init_std: projection weights start from N(0, init_std).
+    """
+
+    slots: int = 8
+    use_user_state: bool = True
+    use_history: bool = True
+    init_std: float = 0.02
+
+
+class BridgeProjector(nn.Module):
+    def __init__(self, cfg: BridgeProjectorConfig, d: int, user_dim: int) -> None:
+        super().__init__()
+        if not (cfg.use_user_state or cfg.use_history):
+            raise ValueError("the prefix needs at least one of use_user_state / use_history")
+        self.cfg, self.d, self.slots = cfg, d, cfg.slots
+        full = cfg.slots * d
+        self.user_up = nn.Identity() if user_dim == full else nn.Linear(user_dim, full)
+        self.history_proj = nn.Linear(d, full)
+        for lin in [m for m in (self.user_up, self.history_proj) if isinstance(m, nn.Linear)]:
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+            nn.init.normal_(lin.bias, std=cfg.init_std)
+
+    def forward(self, user_state: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """user_state (B, user_dim), context (B, d) -> prefix (B, L, d)."""
+        b = context.shape[0]
+        prefix = torch.zeros(b, self.slots * self.d, dtype=context.dtype, device=context.device)
+        if self.cfg.use_user_state:
+            prefix = prefix + self.user_up(user_state)
+        if self.cfg.use_history:
+            prefix = prefix + self.history_proj(context)
+        return prefix.view(b, self.slots, self.d)  # (B, L, d)

@@ -1,0 +1,3 @@
+from recsys_tapper.cli import main
+
+main()

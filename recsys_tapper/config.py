@@ -1,0 +1,94 @@
+"""Structured configs: the schema behind configs/*.yaml (a mistyped key fails at compose time).
+
+Each part's dataclass lives next to its module (BackboneConfig in llm_bridge.backbone, ...); this file only
+composes them into the run config and registers it with Hydra's ConfigStore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from embeddings.pooling import TimeAwarePoolingConfig
+from llm_bridge.backbone import BackboneConfig
+from llm_bridge.lora import LoraSpec
+from llm_bridge.projector import BridgeProjectorConfig
+from recsys_tapper.training import OptimConfig
+
+
+@dataclass
+class ModelConfig:
+    """Args:
+    backbone: which LM (d, layers, heads are read from it, never configured).
+    user_dim: width of a user's row; None = L*d (the paper's full P_u), r < L*d = compressed + shared up-projection.
+    max_history: keep only the k most recent records (None = all, the paper's default).
+    """
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    projector: BridgeProjectorConfig = field(default_factory=BridgeProjectorConfig)
+    pooling: TimeAwarePoolingConfig = field(default_factory=TimeAwarePoolingConfig)
+    user_dim: int | None = None
+    user_init_std: float = 0.02
+    task_lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=8, alpha=8, dropout=0.05))
+    bridge_lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=4, alpha=8, dropout=0.05))
+    max_record_tokens: int = 128
+    max_prompt_tokens: int = 96
+    max_history: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Args:
+    source: ``ml100k`` (fetched, split by time, written as LaMP JSON) or ``lamp`` (your files).
+    dir: for ``lamp``, the folder holding ``{train_split}_questions.json`` etc.
+    n_users: personalize the N users with the longest histories (None = all).
+    strict: reject bad records (True) or skip them and count (False).
+    """
+
+    source: str = "ml100k"
+    dir: str | None = None
+    train_split: str = "dev"
+    test_split: str = "test"
+    n_users: int | None = 100
+    strict: bool = True
+    max_text_chars: int = 4000
+
+
+@dataclass
+class TaskConfig:
+    name: str = "movielens"
+
+
+@dataclass
+class TrainerConfig:
+    """Args:
+    stage1_examples: non-personalized (query -> answer) pairs from *other* users for the task LoRA.
+    stage2_per_user: most recent profile records per user used as Stage-2 targets (None = all).
+    lr_user / lr_dense / lr_bridge: Stage-2 learning rates of P_u rows, scorer+projection, bridge LoRA.
+    """
+
+    seed: int = 0
+    threads: int | None = None
+    stage1: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=1))
+    stage1_examples: int = 800
+    stage2: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=1))
+    stage2_per_user: int | None = 15
+    lr_user: float = 1e-3
+    lr_dense: float = 1e-3
+    lr_bridge: float = 1e-4
+    wd_user: float = 0.01
+    eval_batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    out_dir: str = "runs/demo"
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,167 @@
+"""The one feature builder, shared by training and serving: examples -> model-ready batches.
+
+A ``Sample`` is one (user, visible history, query, answer) item. ``FeatureBuilder.collate`` turns a list of
+samples into a ``Batch``: the user KJT, the history KJT (record rows + time and order gaps), query vectors,
+and right-padded prompt+answer token ids with answer-only labels.
+
+Example::
+
+    fb = FeatureBuilder(tokenizer, encoder, task, bank, users)
+    fb.register(examples)                       # encode every profile record once, into the bank
+    samples = fb.question_samples(examples)     # or fb.profile_samples(examples, per_user=20)
+    batch = fb.collate(samples[:16])
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from embeddings.history import history_kjt
+from embeddings.record_bank import RecordBank
+from embeddings.user_state import user_kjt
+from llm_bridge.encoder import TextEncoder
+from llm_bridge.inject import IGNORE
+from recsys_tapper.data import LampExample
+from recsys_tapper.tasks import Task
+from recsys_tapper.users import UserIndex
+
+
+@dataclass
+class Sample:
+    id: str
+    user: str
+    history_rows: list[int]
+    history_days: list[float | None]
+    query_day: float | None
+    question: str
+    answer: str | None
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    users: KeyedJaggedTensor
+    history: KeyedJaggedTensor
+    q: torch.Tensor  # (B, d)
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor | None  # (B, T), answer tokens only
+    last_prompt: torch.Tensor  # (B,) index of the last prompt token
+    answers: list[str | None]
+    cold: list[bool]  # user had no trained row
+
+
+def record_key(user: str, record_id: str) -> str:
+    return f"{user}/{record_id}"
+
+
+class FeatureBuilder:
+    def __init__(
+        self,
+        tokenizer,
+        encoder: TextEncoder,
+        task: Task,
+        bank: RecordBank,
+        users: UserIndex,
+        max_prompt_tokens: int = 96,
+        max_history: int | None = None,
+    ) -> None:
+        self.tok, self.encoder, self.task, self.bank, self.users = tokenizer, encoder, task, bank, users
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_history = max_history
+        self.eos = tokenizer.eos_token_id
+        self.suffix_ids: list[int] = tokenizer(task.prompt_suffix, add_special_tokens=False)["input_ids"]
+
+    def register(self, examples: Sequence[LampExample], progress: bool = False) -> int:
+        """Encode every profile record not yet in the bank; returns how many were added."""
+        keys, texts = [], []
+        for ex in examples:
+            for r in ex.profile:
+                k = record_key(ex.user_id, r.id)
+                if k not in self.bank.index:
+                    keys.append(k)
+                    texts.append(self.task.record_text(r.fields))
+        uniq = dict(zip(keys, texts))
+        if uniq:
+            self.bank.add(list(uniq), self.encoder.encode(list(uniq.values()), progress=progress))
+        return len(uniq)
+
+    def _history(self, ex: LampExample, upto: int | None = None) -> tuple[list[int], list[float | None]]:
+        recs = ex.profile[:upto] if upto is not None else ex.profile
+        if self.max_history is not None:
+            recs = recs[-self.max_history :] if self.max_history > 0 else ()
+        rows = self.bank.rows([record_key(ex.user_id, r.id) for r in recs])
+        return rows, [r.date for r in recs]
+
+    def question_samples(self, examples: Sequence[LampExample]) -> list[Sample]:
+        """One sample per question, its whole profile as visible history."""
+        out = []
+        for ex in examples:
+            rows, days = self._history(ex)
+            out.append(Sample(ex.id, ex.user_id, rows, days, ex.date, ex.input, ex.output))
+        return out
+
+    def profile_samples(
+        self, examples: Sequence[LampExample], per_user: int | None = None, min_history: int = 1, seed: int = 0
+    ) -> list[Sample]:
+        """Stage-2 examples from each user's profile: record i is the target, records before it the history.
+
+        Each user contributes once (the first question seen for that user); ``per_user`` keeps that user's
+        most recent targets.
+        """
+        seen: set[str] = set()
+        out = []
+        for ex in examples:
+            if ex.user_id in seen:
+                continue
+            seen.add(ex.user_id)
+            targets = range(min_history, len(ex.profile))
+            if per_user is not None:
+                targets = targets[-per_user:]
+            for i in targets:
+                rec = ex.profile[i]
+                question, answer = self.task.record_example(rec.fields)
+                rows, days = self._history(ex, upto=i)
+                out.append(Sample(f"{ex.user_id}/{rec.id}", ex.user_id, rows, days, rec.date, question, answer))
+        random.Random(seed).shuffle(out)
+        return out
+
+    def _prompt_ids(self, question: str) -> list[int]:
+        ids = self.tok(question, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
+        return ids + self.suffix_ids
+
+    def collate(self, samples: Sequence[Sample], with_labels: bool = True) -> Batch:
+        rows: list[list[int]] = []
+        for s in samples:
+            p = self._prompt_ids(s.question)
+            a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.eos] if with_labels else []
+            rows.append(p + a)
+        n_prompt = [len(self._prompt_ids(s.question)) for s in samples]
+        t = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), t), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), t, dtype=torch.long)
+        labels = torch.full((len(rows), t), IGNORE, dtype=torch.long) if with_labels else None
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+            if labels is not None:
+                labels[i, n_prompt[i] : len(r)] = torch.tensor(r[n_prompt[i] :])
+        user_rows = [self.users.row(s.user) for s in samples]
+        return Batch(
+            ids=[s.id for s in samples],
+            users=user_kjt(user_rows),
+            history=history_kjt([s.history_rows for s in samples], [s.history_days for s in samples],
+                                [s.query_day for s in samples]),
+            q=self.encoder.encode([s.question for s in samples]),
+            input_ids=input_ids,
+            attention_mask=mask,
+            labels=labels,
+            last_prompt=torch.tensor(n_prompt) - 1,
+            answers=[s.answer for s in samples],
+            cold=[r is None for r in user_rows],
+        )

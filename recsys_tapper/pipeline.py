@@ -1,0 +1,194 @@
+"""The main job: Stage 1, Stage 2, and the non-personalized vs TAP-PER comparison.
+
+Single process::
+
+    tapper demo                                   # SmolLM2 + MovieLens-100K, the 100 most active users
+    tapper demo model=tiny trainer=smoke data.n_users=5
+
+``run(cfg)`` is importable; tests call it with the tiny backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from embeddings.pooling import TimeAwarePooling
+from embeddings.record_bank import RecordBank
+from embeddings.tower import UserTower
+from embeddings.user_state import UserStateConfig, UserStateTable
+from llm_bridge.backbone import load_backbone
+from llm_bridge.encoder import TextEncoder
+from llm_bridge.lora import add_lora, lora_parameters, merge_lora
+from llm_bridge.projector import BridgeProjector
+from recsys_tapper.config import RunConfig
+from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp
+from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.features import FeatureBuilder, Sample
+from recsys_tapper.io import atomic_write_text
+from recsys_tapper.model import TapperModel
+from recsys_tapper.tasks import RATING, get_task
+from recsys_tapper.training import train_loop
+from recsys_tapper.users import UserIndex
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_splits(cfg: RunConfig) -> tuple[list[LampExample], list[LampExample]]:
+    """(train-split questions, test-split questions), validated."""
+    if cfg.data.source == "ml100k":
+        paths = build_movielens_lamp()
+        train_q, train_o = paths[cfg.data.train_split]
+        test_q, test_o = paths[cfg.data.test_split]
+    elif cfg.data.source == "lamp":
+        if not cfg.data.dir:
+            raise ValueError("data.source=lamp needs data.dir, the folder with the LaMP JSON files")
+        d = Path(cfg.data.dir)
+        train_q, train_o = d / f"{cfg.data.train_split}_questions.json", d / f"{cfg.data.train_split}_outputs.json"
+        test_q, test_o = d / f"{cfg.data.test_split}_questions.json", d / f"{cfg.data.test_split}_outputs.json"
+    else:
+        raise ValueError(f"unknown data.source {cfg.data.source!r}: use ml100k or lamp")
+    kw = dict(task=cfg.task.name, strict=cfg.data.strict, max_text_chars=cfg.data.max_text_chars)
+    train, _ = load_lamp(train_q, train_o if Path(train_o).exists() else None, **kw)
+    test, _ = load_lamp(test_q, test_o, **kw)
+    return train, test
+
+
+def select_users(test: list[LampExample], n_users: int | None) -> list[str]:
+    """The ``n_users`` users with the longest visible histories (ties: user id)."""
+    longest: dict[str, int] = {}
+    for ex in test:
+        longest[ex.user_id] = max(longest.get(ex.user_id, 0), len(ex.profile))
+    ranked = sorted(longest, key=lambda u: (-longest[u], u))
+    return ranked if n_users is None else ranked[:n_users]
+
+
+def stage1_samples(fb: FeatureBuilder, train: list[LampExample], users: set[str], n: int, seed: int) -> list[Sample]:
+    """Non-personalized (query -> answer) pairs from other users' records; no history."""
+    pool = [(ex, r) for ex in train if ex.user_id not in users for r in ex.profile]
+    if not pool:  # every user is personalized: use records that are never Stage-2 targets
+        pool = [(ex, r) for ex in train for r in ex.profile[:1]]
+    rng = random.Random(seed)
+    picked = rng.sample(pool, min(n, len(pool)))
+    out = []
+    for ex, r in picked:
+        q, a = fb.task.record_example(r.fields)
+        out.append(Sample(f"{ex.user_id}/{r.id}", f"stage1/{ex.user_id}", [], [], r.date, q, a))
+    return out
+
+
+def build_tapper(cfg: RunConfig, lm, n_users: int) -> TapperModel:
+    d = lm.config.hidden_size  # derived, never configured
+    full = cfg.model.projector.slots * d
+    user_dim = cfg.model.user_dim or full
+    table = UserStateTable(UserStateConfig(num_users=n_users, dim=user_dim, init_std=cfg.model.user_init_std))
+    tower = UserTower(table, TimeAwarePooling(cfg.model.pooling, d))
+    return TapperModel(lm, tower, BridgeProjector(cfg.model.projector, d, user_dim))
+
+
+def evaluate(model, fb, samples, task, batch_size, desc) -> tuple[dict, list[dict], float]:
+    t0 = time.perf_counter()
+    rows = predict_labels(model, fb, samples, task.labels, batch_size=batch_size, desc=desc)
+    rep = rating_report(rows) if task.kind == RATING else {}
+    return rep, rows, time.perf_counter() - t0
+
+
+def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | None = None) -> dict:
+    """Train Stage 1 and Stage 2, evaluate both models on the test questions, write metrics.json."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.trainer.seed)
+    task = get_task(cfg.task.name)
+    if task.kind != RATING:
+        raise NotImplementedError(f"the demo pipeline scores rating tasks; {task.name} is {task.kind}")
+    t_start = time.perf_counter()
+    train, test = splits if splits is not None else load_splits(cfg)
+    chosen = select_users(test, cfg.data.n_users)
+    chosen_set = set(chosen)
+    test = [ex for ex in test if ex.user_id in chosen_set]
+    train_chosen = [ex for ex in train if ex.user_id in chosen_set]
+
+    lm, tok = load_backbone(cfg.model.backbone)
+    encoder = TextEncoder(lm, tok, cfg.model.max_record_tokens)
+    users = UserIndex(chosen)
+    fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,
+                        cfg.model.max_prompt_tokens, cfg.model.max_history)
+    fb.register(train_chosen + test, progress=True)
+    test_samples = fb.question_samples(test)
+
+    # Stage 1: task LoRA on other users' pairs, no history; then merged and frozen.
+    t0 = time.perf_counter()
+    s1 = stage1_samples(fb, train, chosen_set, cfg.trainer.stage1_examples, cfg.trainer.seed)
+    lm = add_lora(lm, cfg.model.task_lora)
+    base = TapperModel(lm, None, None)
+    train_loop(base, s1, fb, [{"params": lora_parameters(lm)}], cfg.trainer.stage1, desc="stage 1 (task LoRA)")
+    lm = merge_lora(lm)
+    stage1_s = time.perf_counter() - t0
+    base = TapperModel(lm, None, None)
+    np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
+                                          "eval non-personalized")
+
+    # Stage 2: P_u rows, scorer, lambdas, projection and the bridge LoRA.
+    t0 = time.perf_counter()
+    seed_everything(cfg.trainer.seed + 1)
+    lm = add_lora(lm, cfg.model.bridge_lora)
+    model = build_tapper(cfg, lm, len(users))
+    s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    groups = [
+        {"params": list(model.tower.table.parameters()), "lr": cfg.trainer.lr_user, "weight_decay": cfg.trainer.wd_user},
+        {"params": list(model.tower.pooling.parameters()) + list(model.projector.parameters()),
+         "lr": cfg.trainer.lr_dense},
+        {"params": lora_parameters(lm), "lr": cfg.trainer.lr_bridge},
+    ]
+    losses = train_loop(model, s2, fb, groups, cfg.trainer.stage2, desc="stage 2 (personalization)")
+    stage2_s = time.perf_counter() - t0
+    tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER")
+
+    user_dim = model.tower.table.cfg.dim
+    result = {
+        "task": task.name,
+        "n_users": len(chosen),
+        "n_test_queries": len(test_samples),
+        "n_stage1_examples": len(s1),
+        "n_stage2_examples": len(s2),
+        "stage2_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "lambda_t": model.tower.pooling.lambda_t.detach().item(),
+        "lambda_o": model.tower.pooling.lambda_o.detach().item(),
+        "methods": {
+            "non_personalized": {**np_rep, "params_per_user": 0, "train_s": stage1_s, "eval_s": np_eval_s,
+                                 "wall_s": stage1_s + np_eval_s},
+            "tapper": {**tp_rep, "params_per_user": user_dim, "train_s": stage2_s, "eval_s": tp_eval_s,
+                       "wall_s": stage1_s + stage2_s + tp_eval_s},
+        },
+        "total_wall_s": time.perf_counter() - t_start,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, dict) else cfg,
+    }
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
+    atomic_write_text(out / "predictions.json", json.dumps({"non_personalized": np_rows, "tapper": tp_rows}))
+    return result
+
+
+def format_table(result: dict) -> str:
+    head = f"{'method':<18}{'MAE':>8}{'RMSE':>8}{'MAE(E)':>8}{'params/user':>13}{'wall s':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m in result["methods"].items():
+        lines.append(f"{name:<18}{m['mae']:>8.3f}{m['rmse']:>8.3f}{m.get('mae_expected', float('nan')):>8.3f}"
+                     f"{m['params_per_user']:>13,}{m['wall_s']:>9.1f}")
+    lines.append(f"{result['n_users']} users, {result['n_test_queries']} test queries, "
+                 f"total {result['total_wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _threads_default() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,102 @@
+import math
+
+import torch
+from torch.testing import assert_close
+
+from embeddings.history import gaps, history_kjt
+from embeddings.jagged import segment_ids, segment_softmax, segment_sum
+from embeddings.pooling import HISTORY_DPOS, HISTORY_DT, TimeAwarePooling, TimeAwarePoolingConfig
+from embeddings.scorer import DINScorer
+
+
+def test_segment_softmax_matches_per_segment_softmax():
+    lengths = torch.tensor([2, 0, 3])
+    seg = segment_ids(lengths)
+    assert seg.tolist() == [0, 0, 2, 2, 2]
+    s = torch.tensor([1.0, 3.0, 0.5, -1.0, 2.0])
+    a = segment_softmax(s, seg, 3)
+    assert_close(a[:2], torch.softmax(s[:2], 0))
+    assert_close(a[2:], torch.softmax(s[2:], 0))
+    c = segment_sum(a[:, None] * torch.ones(5, 2), seg, 3)
+    assert_close(c, torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]))
+
+
+def test_factorized_scorer_equals_literal_din():
+    sc = DINScorer(16)
+    q, h = torch.randn(7, 16), torch.randn(7, 16)
+    assert_close(sc(q, h), sc.reference(q, h), rtol=1e-5, atol=1e-5)
+
+
+def test_gaps_follow_the_formula_inputs():
+    dt, dp = gaps([1.0, None, 4.0], 10.0)
+    assert dt == [9.0, 0.0, 6.0]
+    assert dp == [3.0, 2.0, 1.0]
+    # no query date: the last dated record's date is used
+    dt, _ = gaps([1.0, 4.0, None], None)
+    assert dt == [3.0, 0.0, 0.0]
+
+
+def _random_batch(d=8, lengths=(3, 0, 5, 1), n_records=20):
+    rows = [torch.randint(0, n_records, (n,)).tolist() for n in lengths]
+    days = [[float(x) for x in torch.rand(n).mul(30).sort().values.tolist()] for n in lengths]
+    qdays = [40.0, None, 35.0, None]
+    return rows, days, qdays, torch.randn(n_records, d), torch.randn(len(lengths), d)
+
+
+def test_jagged_pooling_equals_naive_loop():
+    rows, days, qdays, bank, q = _random_batch()
+    pool = TimeAwarePooling(TimeAwarePoolingConfig(), d=8)
+    with torch.no_grad():
+        pool.lambda_t.fill_(0.7)
+        pool.lambda_o.fill_(-0.3)
+    kjt = history_kjt(rows, days, qdays)
+    c, alpha = pool(q, kjt, bank)
+    hists = [bank[torch.tensor(r, dtype=torch.long)] for r in rows]
+    dts, dps = [], []
+    for r, dd, qd in zip(rows, days, qdays):
+        a, b = gaps(dd, qd)
+        dts.append(torch.tensor(a))
+        dps.append(torch.tensor(b))
+    ref = pool.reference(q, hists, dts, dps)
+    assert_close(c, ref, rtol=1e-5, atol=1e-5)
+    assert_close(c[1], torch.zeros(8))  # empty history pools to zeros
+    assert alpha.shape == (9,)
+    # cached record terms give the same answer
+    c2, _ = pool(q, kjt, bank, record_terms=pool.scorer.record_term(bank))
+    assert_close(c2, c, rtol=1e-5, atol=1e-5)
+
+
+def test_time_bias_moves_weight_to_recent_records_by_the_formula():
+    pool = TimeAwarePooling(TimeAwarePoolingConfig(order_bias=False), d=4)
+    h = torch.randn(1, 4).repeat(2, 1)  # identical records: DIN scores tie, only the bias differs
+    kjt = history_kjt([[0, 1]], [[0.0, 9.0]], [10.0])  # gaps: 10 days and 1 day
+    with torch.no_grad():
+        pool.lambda_t.fill_(1.0)
+    _, alpha = pool(torch.randn(1, 4), kjt, h)
+    # s_old - s_new = -(log 11 - log 2): alpha_new / alpha_old = 11 / 2
+    assert_close(alpha[1] / alpha[0], torch.tensor(11.0 / 2.0))
+    with torch.no_grad():
+        pool.lambda_t.fill_(-1.0)  # negative lambda favours older records
+    _, alpha = pool(torch.randn(1, 4), kjt, h)
+    assert alpha[0] > alpha[1]
+
+
+def test_order_bias_uses_position_gap():
+    pool = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False), d=4)
+    h = torch.randn(1, 4).repeat(3, 1)
+    kjt = history_kjt([[0, 1, 2]], [[None, None, None]], [None])
+    assert kjt[HISTORY_DPOS].weights().tolist() == [3.0, 2.0, 1.0]
+    assert kjt[HISTORY_DT].weights().tolist() == [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        pool.lambda_o.fill_(2.0)
+    _, alpha = pool(torch.randn(1, 4), kjt, h)
+    expect = torch.softmax(-2.0 * torch.log1p(torch.tensor([3.0, 2.0, 1.0])), 0)
+    assert_close(alpha, expect)
+    assert math.isclose(alpha.sum().item(), 1.0, rel_tol=1e-6)
+
+
+def test_disabled_biases_ignore_gaps():
+    pool = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False, order_bias=False), d=4)
+    h = torch.randn(1, 4).repeat(2, 1)
+    _, alpha = pool(torch.randn(1, 4), history_kjt([[0, 1]], [[0.0, 9.0]], [10.0]), h)
+    assert_close(alpha, torch.tensor([0.5, 0.5]))
