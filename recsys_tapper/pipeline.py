@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from peft import get_peft_model_state_dict
 
 from embeddings.pooling import TimeAwarePooling
 from embeddings.record_bank import RecordBank
@@ -27,6 +28,7 @@ from llm_bridge.backbone import load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from llm_bridge.projector import BridgeProjector
+from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp
 from recsys_tapper.evaluation import predict_labels, rating_report
@@ -131,6 +133,7 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     lm = add_lora(lm, cfg.model.task_lora)
     base = TapperModel(lm, None, None)
     train_loop(base, s1, fb, [{"params": lora_parameters(lm)}], cfg.trainer.stage1, desc="stage 1 (task LoRA)")
+    task_lora_state = {k: v.clone() for k, v in get_peft_model_state_dict(lm).items()}
     lm = merge_lora(lm)
     stage1_s = time.perf_counter() - t0
     base = TapperModel(lm, None, None)
@@ -175,6 +178,7 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
+    save_model(out / "model", model, task_lora_state, users, fb.bank, cfg, histories=train_chosen + test)
     atomic_write_text(out / "predictions.json", json.dumps({"non_personalized": np_rows, "tapper": tp_rows}))
     return result
 

@@ -27,3 +27,42 @@ def test_tiny_pipeline_end_to_end_under_60s(tmp_path):
     assert saved["n_users"] == 4 and saved["n_test_queries"] == 12
     assert saved["methods"]["tapper"]["params_per_user"] == 4 * 32
     assert result["n_stage2_examples"] == 16
+
+
+def test_saved_model_reloads_and_predicts_the_same(tmp_path):
+    import torch
+
+    from recsys_tapper.checkpoint import CheckpointError, load_model
+    from recsys_tapper.evaluation import predict_labels
+    from recsys_tapper.features import FeatureBuilder
+    from llm_bridge.encoder import TextEncoder
+    from recsys_tapper.tasks import get_task
+
+    cfg = RunConfig()
+    cfg.model.backbone.name_or_path = "tiny-random-llama"
+    cfg.model.projector.slots = 2
+    cfg.data.n_users = 3
+    cfg.trainer.stage1_examples = 8
+    cfg.trainer.stage2_per_user = 2
+    cfg.out_dir = str(tmp_path / "run")
+    train, test = synthetic_rating_task(n_users=4, n_records=8, seed=2)
+    run(cfg, splits=(train, test))
+    preds = json.loads((tmp_path / "run" / "predictions.json").read_text())["tapper"]
+    model, tok, users, bank, _ = load_model(tmp_path / "run" / "model")
+    task = get_task("movielens")
+    fb = FeatureBuilder(tok, TextEncoder(model.lm, tok), task, bank, users, cfg.model.max_prompt_tokens)
+    chosen = {p["user"] for p in preds}
+    samples = fb.question_samples([ex for ex in test if ex.user_id in chosen])
+    again = predict_labels(model, fb, samples, task.labels)
+    assert [r["pred"] for r in again] == [p["pred"] for p in preds]
+    torch.testing.assert_close(torch.tensor([r["expected"] for r in again]),
+                               torch.tensor([p["expected"] for p in preds]))
+    # a corrupted file is refused by its checksum
+    f = tmp_path / "run" / "model" / "tower.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    try:
+        load_model(tmp_path / "run" / "model")
+    except CheckpointError as e:
+        assert "checksum mismatch" in str(e)
+    else:
+        raise AssertionError("corrupted checkpoint was loaded")

@@ -1,0 +1,175 @@
+"""Save and load a trained TAP-PER model as safetensors + JSON (no pickle anywhere).
+
+Layout of a model directory::
+
+    task_lora.safetensors     Stage-1 LoRA (merged into the backbone on load)
+    bridge_lora.safetensors   Stage-2 bridge LoRA
+    tower.safetensors         P_u table + scorer + lambdas (unsharded names)
+    projector.safetensors     bridge projector
+    bank.safetensors          record vectors;  bank_keys.json: their keys, row order
+    users.json                user ids in table-row order
+    histories.parquet         every user's visible history: user_id, record_id, fields (JSON), date (days)
+    config.json               the resolved RunConfig
+    manifest.json             schema version, backbone fingerprint, sha256 of every file above
+
+Example::
+
+    save_model(out / "model", model, task_lora_state, users, bank, cfg)
+    model, users, bank, cfg = load_model(out / "model")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from omegaconf import OmegaConf
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save
+
+from embeddings.record_bank import RecordBank
+from llm_bridge.backbone import fingerprint, load_backbone
+from llm_bridge.lora import add_lora, merge_lora
+from recsys_tapper.config import RunConfig
+from recsys_tapper.data import LampExample, ProfileRecord
+from recsys_tapper.io import atomic_write_bytes, atomic_write_text
+from recsys_tapper.model import TapperModel
+from recsys_tapper.users import UserIndex
+
+SCHEMA_VERSION = 1
+HISTORY_SCHEMA = pa.schema([("user_id", pa.string()), ("record_id", pa.string()), ("fields", pa.string()),
+                            ("date", pa.float64())])
+FILES = ("histories.parquet", "task_lora.safetensors", "bridge_lora.safetensors", "tower.safetensors", "projector.safetensors",
+         "bank.safetensors", "bank_keys.json", "users.json", "config.json")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+def save_model(
+    out: str | Path,
+    model: TapperModel,
+    task_lora: dict[str, torch.Tensor],
+    users: UserIndex,
+    bank: RecordBank,
+    cfg: RunConfig,
+    histories: list[LampExample] = (),
+) -> Path:
+    """Write a model directory; ``histories`` are questions whose profiles are the users' histories
+    (for each user the longest profile seen is kept)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_histories(out / "histories.parquet", histories)
+    _save_tensors(out / "task_lora.safetensors", task_lora)
+    _save_tensors(out / "bridge_lora.safetensors", get_peft_model_state_dict(model.lm))
+    _save_tensors(out / "tower.safetensors", model.tower.state_dict())
+    _save_tensors(out / "projector.safetensors", model.projector.state_dict())
+    _save_tensors(out / "bank.safetensors", {"vectors": bank.vectors})
+    atomic_write_text(out / "bank_keys.json", json.dumps(bank.keys))
+    atomic_write_text(out / "users.json", json.dumps(users.ids))
+    atomic_write_text(out / "config.json", json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": cfg.model.backbone.name_or_path,
+        "backbone_fingerprint": fingerprint(model.lm.get_base_model()),
+        "files": {name: sha256_file(out / name) for name in FILES},
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    return out
+
+
+def write_histories(path: Path, examples: list[LampExample]) -> None:
+    longest: dict[str, LampExample] = {}
+    for ex in examples:
+        if ex.user_id not in longest or len(ex.profile) > len(longest[ex.user_id].profile):
+            longest[ex.user_id] = ex
+    rows = [
+        {"user_id": u, "record_id": r.id, "fields": json.dumps(dict(r.fields), ensure_ascii=False), "date": r.date}
+        for u, ex in longest.items()
+        for r in ex.profile
+    ]
+    table = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_histories(path: Path) -> dict[str, list[ProfileRecord]]:
+    """user id -> profile records in time order (as saved)."""
+    out: dict[str, list[ProfileRecord]] = {}
+    for row in pq.read_table(path).to_pylist():
+        out.setdefault(row["user_id"], []).append(ProfileRecord(row["record_id"], json.loads(row["fields"]), row["date"]))
+    return out
+
+
+def verify(path: str | Path) -> dict:
+    """Check the manifest's checksums; raise CheckpointError naming the first bad file."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not mpath.exists():
+        raise CheckpointError(f"{path}: no manifest.json; not a recsys-tapper model directory")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath}: manifest is not valid JSON ({e})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(f"{mpath}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{f}: checksum mismatch (truncated or corrupted); refusing to load")
+    return manifest
+
+
+def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
+    """Rebuild ``(model, users, bank, cfg)`` from a model directory saved by ``save_model``."""
+    from recsys_tapper.pipeline import build_tapper  # late: pipeline imports this module
+
+    path = Path(path)
+    manifest = verify(path)
+    cfg: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                                         json.loads((path / "config.json").read_text())))
+    lm, tok = load_backbone(cfg.model.backbone)
+    fp = fingerprint(lm)
+    if fp != manifest["backbone_fingerprint"] and not allow_fingerprint_mismatch:
+        raise CheckpointError(
+            f"{path}: trained on backbone fingerprint {manifest['backbone_fingerprint']}, but the loaded backbone "
+            f"is {fp}; pass allow_fingerprint_mismatch=True to load anyway"
+        )
+    lm = add_lora(lm, cfg.model.task_lora)
+    set_peft_model_state_dict(lm, load_file(path / "task_lora.safetensors"))
+    lm = merge_lora(lm)
+    lm = add_lora(lm, cfg.model.bridge_lora)
+    set_peft_model_state_dict(lm, load_file(path / "bridge_lora.safetensors"))
+    users = UserIndex(json.loads((path / "users.json").read_text()))
+    model = build_tapper(cfg, lm, len(users))
+    model.tower.load_state_dict(load_file(path / "tower.safetensors"))
+    model.projector.load_state_dict(load_file(path / "projector.safetensors"))
+    bank = RecordBank(lm.config.hidden_size)
+    bank.add(json.loads((path / "bank_keys.json").read_text()), load_file(path / "bank.safetensors")["vectors"])
+    model.eval()
+    return model, tok, users, bank, cfg
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    return asdict(cfg)
