@@ -15,6 +15,9 @@ Example::
 
     pool = TimeAwarePooling(TimeAwarePoolingConfig(), d=576)
     c, alpha = pool(q, history_kjt, bank)      # c: (B, d), alpha: (T,)
+
+    cache = pool.scorer.record_term(bank).detach()   # once per bank while the scorer is frozen
+    c, alpha = pool.infer(q, history_kjt, bank, cache)   # same c, inference fast path
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.jagged import segment_ids, segment_softmax, segment_sum
+from embeddings.jagged import segment_ids, segment_softmax, segment_sum, softmax_pool
 from embeddings.scorer import DINScorer
 
 HISTORY_DT = "history_dt"
@@ -43,6 +46,18 @@ class TimeAwarePoolingConfig:
     time_bias: bool = True
     order_bias: bool = True
     interaction_rank: int | None = None
+
+
+def _rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``table[ids]``; a view (no copy) when, on CPU, the ids are one ascending run (a user's records are
+    appended to the bank together, so a whole history often is)."""
+    t = ids.numel()
+    if ids.device.type == "cpu" and t > 1:
+        first = int(ids[0])
+        last = int(ids[-1])
+        if 0 <= first and last < table.shape[0] and last - first == t - 1 and bool((ids.diff() == 1).all()):
+            return table[first : first + t]
+    return table.index_select(0, ids)
 
 
 class TimeAwarePooling(nn.Module):
@@ -97,6 +112,33 @@ class TimeAwarePooling(nn.Module):
         alpha = segment_softmax(s, seg, num)  # (T,)
         c = segment_sum(alpha[:, None] * h, seg, num)  # (B, d)
         return c, alpha
+
+    @torch.no_grad()
+    def infer(
+        self,
+        q: torch.Tensor,
+        history: KeyedJaggedTensor,
+        bank: torch.Tensor,
+        record_terms: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference fast path of ``forward`` (same arguments and function; no autograd).
+
+        It runs ``DINScorer.score_jagged`` (query folded into the weights for a single query; otherwise one
+        fused addmm over the jagged rows) and ``softmax_pool`` (CSR segment sum on CPU). Pass the
+        ``record_terms`` cache for several queries or a low-rank scorer; a single full-rank query needs none.
+        q, bank and record_terms may be bf16: scores are then bf16 GEMMs, the softmax is fp32.
+
+        Returns:
+            c: (B, d) in ``bank``'s dtype; alpha: (T,) fp32.
+        """
+        jt_dt, jt_pos = history[HISTORY_DT], history[HISTORY_DPOS]
+        ids = jt_dt.values()  # (T,)
+        lengths = jt_dt.lengths().long()  # (B,)
+        h = _rows(bank, ids)  # (T, d)
+        rt = None if record_terms is None else _rows(record_terms, ids)  # (T, d)
+        s = self.scorer.score_jagged(q, h, lengths, rt).float()  # (T,)
+        s = s - self.bias(jt_dt.weights().float(), jt_pos.weights().float())
+        return softmax_pool(s, h, lengths)
 
     def reference(
         self, q: torch.Tensor, hists: list[torch.Tensor], dts: list[torch.Tensor], dposs: list[torch.Tensor]

@@ -173,3 +173,42 @@ def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
 
 def config_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
+
+
+def rewrite_model_files(path: str | Path, updates: dict[str, bytes]) -> dict:
+    """Replace some files of a verified model directory and write a manifest that vouches for them.
+
+    Every new file is first written beside its target (temp name, fsync); then all are renamed into place
+    and the manifest, with fresh sha256 sums, is written last (atomically). Each file is always whole; a crash
+    between the renames leaves files the old manifest does not vouch for, which ``verify`` refuses.
+
+    Example::
+
+        rewrite_model_files(model_dir, {"tower.safetensors": save(state), "users.json": b'["u1"]'})
+    """
+    import os
+    import tempfile
+
+    path = Path(path)
+    manifest = verify(path)
+    bad = sorted(set(updates) - set(FILES))
+    if bad:
+        raise CheckpointError(f"{path}: {bad} are not model-directory files (allowed: {', '.join(FILES)})")
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, data in updates.items():
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
+            staged.append((tmp, path / name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, dest in staged:
+            os.replace(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    manifest = {**manifest, "files": {name: sha256_file(path / name) for name in FILES}}
+    atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest

@@ -2,6 +2,9 @@
 
     tapper demo                                    # == make demo
     tapper demo model=tiny trainer=smoke data.n_users=5 out_dir=runs/smoke
+    tapper export model_dir=runs/demo/model out=exports/demo dtype=fp32     # fp16 | int8
+    tapper import export_dir=exports/demo model_dir=runs/demo/model
+    tapper update model_dir=runs/demo/model events=new.parquet [strict=false]
     python -m recsys_tapper demo ...
 
 Each command is a thin @hydra.main around an importable function (``recsys_tapper.pipeline.run``).
@@ -29,7 +32,40 @@ def _demo(cfg: DictConfig) -> None:
     print(f"wrote {Path(run_cfg.out_dir) / 'metrics.json'}")
 
 
-COMMANDS = {"demo": ("demo", _demo)}
+def _export(cfg: DictConfig) -> None:
+    from recsys_tapper.user_ops import run_export
+
+    manifest = run_export(OmegaConf.to_object(cfg))
+    q = manifest["quantization"]
+    err = f", max abs error {q['max_abs']:.3g} (bound {q['max_abs_bound']:.3g}), rms {q['rms']:.3g}" if q else ""
+    print(f"exported {manifest['num_users']} users x {manifest['dim']} ({manifest['dtype']}{err}) to {cfg.out}")
+
+
+def _import(cfg: DictConfig) -> None:
+    from recsys_tapper.user_ops import run_import
+
+    report = run_import(OmegaConf.to_object(cfg))
+    print(f"imported into {cfg.model_dir}: {report}")
+
+
+def _update(cfg: DictConfig) -> None:
+    from recsys_tapper.user_ops import run_update
+
+    r = run_update(OmegaConf.to_object(cfg))
+    print(f"{r['n_kept']} events applied ({r['n_skipped']} skipped), {len(r['new_users'])} new users, "
+          f"{r['affected_users']} rows fine-tuned in {r['timings_s'].get('total', 0.0):.1f} s")
+    for line in r["problems"][:20]:
+        print("  skipped:", line)
+
+
+def _register_user_ops() -> None:
+    from recsys_tapper.user_ops import register as register_user_ops
+
+    register_user_ops()
+
+
+COMMANDS = {"demo": ("demo", _demo), "export": ("export", _export), "import": ("import", _import),
+            "update": ("update", _update)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,5 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     name, fn = COMMANDS[argv[0]]
     register()
+    if name in ("export", "import", "update"):
+        _register_user_ops()
     sys.argv = [f"tapper {argv[0]}", *argv[1:]]
     hydra.main(config_path=CONFIG_DIR, config_name=name, version_base="1.3")(fn)()

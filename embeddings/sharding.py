@@ -1,0 +1,335 @@
+"""Shard the user tower's P_u table with TorchRec: planner, DMP, gather/load, DCP checkpoints.
+
+DMP wraps the user tower only (the frozen LLM stays outside). The P_u table is placed by the planner under a
+``ParameterConstraints`` that names one sharding type; its optimizer is fused into the table's backward
+(``apply_optimizer_in_backward``: FBGEMM updates the touched rows while the gradient is computed, so a
+(num_users, dim) gradient is never materialized). Dense parameters are *not* wrapped in DDP here: the
+caller all-reduces their gradients (``allreduce_grads``), one mechanism for the pooling, the projector and
+the bridge LoRA alike.
+
+    sharding        where the (U, r) table lives                          devices
+    table_wise      whole table on one rank                               CPU, GPU
+    column_wise     (U, r/k) column slices on k ranks                     CPU, GPU
+    data_parallel   replicated; TorchRec's DDP averages its gradient     CPU, GPU
+    row_wise        (U/k, r) row ranges on k ranks                        GPU only (FBGEMM)
+
+Row-wise Adagrad keeps one accumulator per row *per shard*: under ``column_wise`` each column slice has its
+own, so the update differs from the unsharded table (use ``adagrad`` or ``sgd``, element-wise, to keep
+column_wise identical to one process).
+
+Example::
+
+    dmp = shard_user_tower(tower, sharding="column_wise", optimizer="rowwise_adagrad", lr=0.05)
+    user_state, context, alpha = dmp(user_kjt, history_kjt, q, bank)
+    full = gather_user_table(dmp)            # (U, r) on rank 0, None elsewhere
+    save_checkpoint(root, step, {"tower": dmp.state_dict(), "table_optim": dmp.fused_optimizer.state_dict()})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection
+from torchrec import optim as trec_optim
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+from embeddings.user_state import TABLE
+
+CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
+GPU_SHARDING = (*CPU_SHARDING, "row_wise", "table_row_wise")
+TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,  # FBGEMM EXACT_ROWWISE_ADAGRAD: one accumulator per row
+    "adagrad": trec_optim.Adagrad,  # EXACT_ADAGRAD: one accumulator per element
+    "sgd": trec_optim.SGD,  # EXACT_SGD
+}
+# A data_parallel table is a plain replicated parameter: the same update rules, unfused.
+_DENSE_TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+_CKPT_PREFIX = "step_"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence ShardedTensor's deprecation notice (TorchRec's state dicts still hand them out)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+        yield
+
+
+class NoDataParallel(DataParallelWrapper):
+    """Leave the tower's dense parameters unwrapped; the training loop all-reduces their gradients."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        return None
+
+
+def _table_weight(module: nn.Module) -> torch.Tensor:
+    for m in module.modules():
+        if isinstance(m, EmbeddingBagCollection) and TABLE in m.embedding_bags:
+            return m.embedding_bags[TABLE].weight
+    raise ValueError(f"no EmbeddingBagCollection with a {TABLE!r} table in {type(module).__name__}")
+
+
+def table_constraints(sharding: str, dim: int, world_size: int, device_type: str = "cpu",
+                      optimizer: str = "rowwise_adagrad") -> dict[str, ParameterConstraints]:
+    """Planner constraints for the P_u table: one sharding type; column shards of width ``dim / world_size``
+    (the planner's default minimum width, 128, would keep a narrow table in one shard)."""
+    allowed = GPU_SHARDING if device_type == "cuda" else CPU_SHARDING
+    if sharding not in allowed:
+        raise ValueError(f"sharding {sharding!r} is not available on {device_type}; choose one of {allowed}")
+    if optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"table optimizer {optimizer!r} unknown; choose one of {sorted(TABLE_OPTIMIZERS)}")
+    min_partition = None
+    if sharding in ("column_wise", "table_column_wise"):
+        width = dim // world_size
+        if dim % world_size or width % 4:
+            raise ValueError(f"column_wise needs the row width ({dim}) to split into {world_size} slices "
+                             "whose width is a multiple of 4")
+        min_partition = width
+    return {TABLE: ParameterConstraints(sharding_types=[sharding], min_partition=min_partition)}
+
+
+def plan_user_table(module: nn.Module, sharding: str, device: torch.device, pg: dist.ProcessGroup | None = None,
+                    optimizer: str = "rowwise_adagrad", reserve: float = 0.15) -> ShardingPlan:
+    """Run TorchRec's planner on rank 0 under :func:`table_constraints` and broadcast the plan.
+
+    ``reserve`` is the fraction of each device's memory kept out of the plan (dense parameters, activations).
+    """
+    pg = pg or dist.GroupMember.WORLD
+    world = dist.get_world_size(pg)
+    dim = _table_weight(module).shape[1]
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=table_constraints(sharding, dim, world, device.type, optimizer),
+        storage_reservation=FixedPercentageStorageReservation(reserve),
+    )
+    return planner.collective_plan(module, [EmbeddingBagCollectionSharder()], pg)
+
+
+def shard_user_tower(
+    tower: nn.Module,
+    sharding: str = "table_wise",
+    optimizer: str = "rowwise_adagrad",
+    lr: float = 0.01,
+    eps: float = 1e-8,
+    device: torch.device | None = None,
+    pg: dist.ProcessGroup | None = None,
+) -> DistributedModelParallel:
+    """Wrap ``tower`` (any module holding the ``user_state`` EBC) in DMP.
+
+    The table keeps the rows it had before sharding (DMP would re-initialize each shard; we copy the
+    unsharded rows back), so every world size starts from the same table. For every sharding type except
+    ``data_parallel`` the table optimizer runs fused in the backward. A ``data_parallel`` table is a
+    replicated parameter (returned by :func:`dense_parameters`) whose lookup TorchRec wraps in its own DDP,
+    so its gradient arrives *averaged* over ranks; the caller steps it with :func:`table_optimizer`.
+
+    Args:
+        tower: module with the unsharded P_u table (e.g. ``UserTower`` or ``UserStateTable``).
+        sharding: a ShardingType value; see :data:`CPU_SHARDING` and :data:`GPU_SHARDING`.
+        optimizer: key of :data:`TABLE_OPTIMIZERS`.
+        lr, eps: the table optimizer's learning rate and epsilon.
+        device: compute device (default cpu); the process group must match (gloo for cpu, nccl for cuda).
+    """
+    device = device or torch.device("cpu")
+    weight = _table_weight(tower)
+    full = weight.detach()  # keeps the unsharded rows alive for the copy below
+    if sharding != "data_parallel":
+        kwargs = {"lr": lr} if optimizer == "sgd" else {"lr": lr, "eps": eps}
+        apply_optimizer_in_backward(TABLE_OPTIMIZERS[optimizer], [weight], kwargs)
+    plan = plan_user_table(tower, sharding, device, pg, optimizer)
+    env = ShardingEnv.from_process_group(pg or dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(tower, env=env, device=device, plan=plan,
+                                   sharders=[EmbeddingBagCollectionSharder()], data_parallel_wrapper=NoDataParallel())
+    load_user_table(dmp, full)
+    return dmp
+
+
+def table_optimizer(dmp: DistributedModelParallel, optimizer: str, lr: float, eps: float) -> torch.optim.Optimizer | None:
+    """The non-fused optimizer of a ``data_parallel`` table (None for the fused sharding types)."""
+    w = _table_param(dmp)
+    if w is None:
+        return None
+    kwargs = {"lr": lr} if optimizer == "sgd" else {"lr": lr, "eps": eps}
+    return _DENSE_TABLE_OPTIMIZERS[optimizer]([w], **kwargs)
+
+
+def _table_param(dmp: nn.Module) -> nn.Parameter | None:
+    """The replicated table parameter of a data_parallel plan, else None."""
+    key = table_state_key(dmp)
+    value = dmp.state_dict()[key]
+    if isinstance(value, ShardedTensor):
+        return None
+    return dict(dmp.named_parameters())[key]
+
+
+def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters that every rank holds in full: all but the sharded table (a ``data_parallel`` table
+    is one of them)."""
+    state = module.state_dict(keep_vars=True)
+    return [p for n, p in module.named_parameters() if p.requires_grad and not isinstance(state.get(n), ShardedTensor)]
+
+
+def allreduce_grads(params: list[nn.Parameter], pg: dist.ProcessGroup | None = None) -> None:
+    """Sum the gradients of replicated parameters over ranks, in one flat buffer (a missing grad counts as 0)."""
+    if dist.get_world_size(pg) == 1 or not params:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=pg)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)
+
+
+def broadcast_parameters(params: list[torch.Tensor], src: int = 0, pg: dist.ProcessGroup | None = None) -> None:
+    """Make replicated parameters bit-identical to rank ``src``'s."""
+    if dist.get_world_size(pg) == 1 or not params:
+        return
+    with torch.no_grad():
+        flat = torch._utils._flatten_dense_tensors([p.data for p in params])
+        dist.broadcast(flat, src=src, group=pg)
+        for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.data for p in params]), strict=True):
+            p.data.copy_(synced)
+
+
+def table_state_key(module: nn.Module) -> str:
+    """The state_dict key of the P_u table (``...embedding_bags.user_state.weight``)."""
+    suffix = f"embedding_bags.{TABLE}.weight"
+    keys = [k for k in module.state_dict(keep_vars=True) if k.endswith(suffix)]
+    if len(keys) != 1:
+        raise ValueError(f"expected one {suffix!r} in the state dict, found {keys}")
+    return keys[0]
+
+
+def _local_shards(value: torch.Tensor) -> list[tuple[tuple[slice, slice], torch.Tensor]]:
+    """[(slices into the full table, local tensor)] for a ShardedTensor or a replicated tensor."""
+    if isinstance(value, ShardedTensor):
+        out = []
+        for s in value.local_shards():
+            (r0, c0), (nr, nc) = s.metadata.shard_offsets, s.metadata.shard_sizes
+            out.append(((slice(r0, r0 + nr), slice(c0, c0 + nc)), s.tensor))
+        return out
+    return [((slice(None), slice(None)), value)]
+
+
+def gather_user_table(model: nn.Module, dst: int = 0) -> torch.Tensor | None:
+    """Assemble the full (num_users, dim) P_u table on rank ``dst`` (CPU float tensor); None on other ranks.
+
+    A collective: every rank must call it. Works for every sharding type and for an unsharded module
+    (which needs no process group).
+    """
+    value = model.state_dict()[table_state_key(model)]
+    if not isinstance(value, ShardedTensor):
+        if dist.is_initialized() and dist.get_rank() != dst:
+            return None
+        return value.detach().cpu().clone()
+    with _quiet():
+        rows, cols = value.size()
+        shards = value.local_shards()
+        device = shards[0].tensor.device if shards else torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        out = torch.empty(rows, cols, dtype=value.dtype, device=device) if dist.get_rank() == dst else None
+        value.gather(dst=dst, out=out)
+    return None if out is None else out.cpu()
+
+
+@torch.no_grad()
+def load_user_table(model: nn.Module, full: torch.Tensor) -> None:
+    """Copy a full (num_users, dim) table into this rank's shards (each rank passes the same ``full``)."""
+    key = table_state_key(model)
+    value = model.state_dict()[key]
+    with _quiet():
+        size = tuple(value.size())
+    if size != tuple(full.shape):
+        raise ValueError(f"table is {size}, got rows of shape {tuple(full.shape)}")
+    for (rs, cs), local in _local_shards(value):
+        local.copy_(full[rs, cs])
+    model.load_state_dict({key: value}, strict=False)
+
+
+# ---- DCP checkpoints: <root>/step_00000012/ (complete) and <root>/.tmp_step_00000012/ (in progress) ----
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"{_CKPT_PREFIX}{step:08d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (temp dirs of an interrupted save are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_CKPT_PREFIX)
+                  and (p / ".metadata").exists())
+    return done[-1] if done else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name[len(_CKPT_PREFIX):])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Save ``state`` (ShardedTensors, tensors, plain objects) with DCP, atomically.
+
+    Every rank writes its shards into ``.tmp_step_N``; after a barrier rank 0 renames it to ``step_N`` (a
+    crash before the rename leaves the previous checkpoint as the latest) and keeps the ``keep`` newest.
+    A collective: every rank must call it with the same ``root`` and ``step``.
+    """
+    root = Path(root)
+    final, tmp = checkpoint_dir(root, step), root / f".tmp_{_CKPT_PREFIX}{step:08d}"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(state, checkpoint_id=tmp)  # FileSystemWriter fsyncs each file; .metadata is written last
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_CKPT_PREFIX))
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, state: dict) -> dict:
+    """Load a DCP checkpoint into ``state`` in place (tensors and shards are filled; objects replaced)."""
+    dcp.load(state, checkpoint_id=Path(path))
+    return state

@@ -1,0 +1,550 @@
+"""Distributed TAP-PER training: the P_u table sharded by TorchRec (DMP), the frozen LLM replicated per rank.
+
+Two ranks on CPU (gloo), one process (world size 1), and the same with a column-wise table::
+
+    torchrun --nproc_per_node=2 -m recsys_tapper.dist_train model=tiny trainer=smoke data.n_users=8 out_dir=runs/dist
+    python -m recsys_tapper.dist_train model=tiny trainer=smoke data.n_users=8 out_dir=runs/dist1
+    torchrun --nproc_per_node=2 -m recsys_tapper.dist_train dist.sharding=column_wise dist.table_optimizer=adagrad
+
+Running the same command again into the same ``out_dir`` resumes from the newest complete checkpoint.
+
+How the work is divided (world size W, global batch B = ``trainer.stage2.batch_size``):
+
+- Every rank holds the frozen backbone, the record bank and the feature builder (deterministic, identical).
+- ``DistributedModelParallel`` wraps the user tower only. The planner places the P_u table
+  (``dist.sharding``); its optimizer (``dist.table_optimizer``, row-wise Adagrad by default) is fused into
+  the backward, with a constant learning rate and no weight decay or clipping.
+- Dense trainables (scorer, lambdas, projector, bridge LoRA) are replicas: broadcast from rank 0 once, then
+  after each backward their gradients are summed over ranks in one flat all-reduce (no DDP), clipped, and
+  stepped by AdamW with the paper's linear schedule. (A ``data_parallel`` table is the exception: TorchRec
+  wraps its lookup in DDP, which averages; we scale that back to the sum and step it with the table optimizer.)
+- Each global batch is cut into W contiguous slices. A rank's loss is its share of the global token-mean
+  cross-entropy, ``loss_r * n_r / n``, so the summed gradients (sparse ones through the all-to-all included)
+  equal one process's gradient on the whole batch: W ranks reproduce one process step for step.
+- Stage 1 (task LoRA) runs through the same data-parallel loop; rank 0 saves the task LoRA, and a resumed
+  run loads it instead of training again.
+- Checkpoints: ``out_dir/checkpoints/step_N`` (torch.distributed.checkpoint, every rank writes its shards,
+  written to a temp dir and renamed), with the dense optimizer, schedule, per-rank RNG and loss history.
+- Only rank 0 writes Hydra's files, logs, ``metrics.json`` and ``model/`` (the table gathered and saved in
+  the single-process format, loadable with ``recsys_tapper.checkpoint.load_model``).
+
+``train_distributed(cfg)`` is importable; tests call it under ``elastic_launch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+
+from embeddings.pooling import TimeAwarePooling
+from embeddings.record_bank import RecordBank
+from embeddings.sharding import (
+    allreduce_grads,
+    broadcast_parameters,
+    dense_parameters,
+    gather_user_table,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    shard_user_tower,
+    table_optimizer,
+)
+from embeddings.tower import UserTower
+from embeddings.user_state import UserStateConfig, UserStateTable
+from llm_bridge.backbone import load_backbone
+from llm_bridge.encoder import TextEncoder
+from llm_bridge.inject import IGNORE
+from llm_bridge.lora import add_lora, lora_parameters, merge_lora
+from recsys_tapper.checkpoint import save_model
+from recsys_tapper.config import RunConfig
+from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.features import Batch, FeatureBuilder, Sample
+from recsys_tapper.io import atomic_write_bytes, atomic_write_text
+from recsys_tapper.model import TapperModel
+from recsys_tapper.pipeline import build_tapper, load_splits, seed_everything, select_users, stage1_samples
+from recsys_tapper.tasks import RATING, get_task
+from recsys_tapper.training import OptimConfig, linear_schedule
+from recsys_tapper.users import UserIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistConfig:
+    """Args:
+    sharding: the P_u table's sharding type: table_wise | column_wise | data_parallel (row_wise on CUDA).
+    table_optimizer: rowwise_adagrad | adagrad | sgd, fused into the table's backward.
+    table_lr: its learning rate (None = trainer.lr_user); table_eps: its epsilon.
+    backend: process-group backend; None = nccl with CUDA, gloo without.
+    stage1: run Stage 1 (task LoRA) first; False = Stage 2 on the raw backbone.
+    checkpoint_every: DCP checkpoint every K Stage-2 steps and at the end (0 = never); keep the newest N.
+    resume: continue from the newest complete checkpoint under out_dir/checkpoints.
+    evaluate: score the test questions after training (every rank takes a slice).
+    save_model: rank 0 gathers the table and writes out_dir/model in the single-process format.
+    step_sleep_s: sleep after every step; only to give crash tests a window to kill a run mid-training.
+    """
+
+    sharding: str = "table_wise"
+    table_optimizer: str = "rowwise_adagrad"
+    table_lr: float | None = None
+    table_eps: float = 1e-8
+    backend: str | None = None
+    stage1: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = True
+    evaluate: bool = True
+    save_model: bool = True
+    step_sleep_s: float = 0.0
+
+
+@dataclass
+class DistRunConfig(RunConfig):
+    dist: DistConfig = field(default_factory=DistConfig)
+    out_dir: str = "runs/dist"
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="dist_schema", node=DistRunConfig)
+
+
+# ---- process group ----
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> tuple[Ctx, bool]:
+    """Join (or, without torchrun's env, create a one-process) group; returns (ctx, created_here)."""
+    created = False
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m ...`: a group of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        created = True
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Ctx(dist.get_rank(), dist.get_world_size(), device), created
+
+
+# ---- batches ----
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    move = {k: getattr(batch, k).to(device) for k in ("users", "history", "q", "input_ids", "attention_mask",
+                                                      "last_prompt")}
+    labels = None if batch.labels is None else batch.labels.to(device)
+    return replace(batch, labels=labels, **move)
+
+
+class DeviceFeatures:
+    """The FeatureBuilder seen from ``device``: same collate, batches and bank moved there."""
+
+    def __init__(self, fb: FeatureBuilder, device: torch.device) -> None:
+        self.fb, self.device, self.tok = fb, device, fb.tok
+        self.bank = RecordBank(fb.bank.d)
+        self.bank.vectors = fb.bank.vectors.to(device)
+
+    def collate(self, samples, with_labels: bool = True) -> Batch:
+        return batch_to(self.fb.collate(samples, with_labels), self.device)
+
+
+def global_batches(n: int, batch_size: int, epochs: int, world: int) -> list[tuple[int, int]]:
+    """(start, end) of every global batch; a last batch smaller than the world size is dropped."""
+    one = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    return [b for b in one if b[1] - b[0] >= world] * epochs
+
+
+def rank_slice(items: list, rank: int, world: int) -> list:
+    """Contiguous slice ``rank`` of ``world``; sizes differ by at most one."""
+    base, extra = divmod(len(items), world)
+    start = rank * base + min(rank, extra)
+    return items[start : start + base + (rank < extra)]
+
+
+# ---- checkpoints ----
+
+
+def _init_adamw_state(opt: torch.optim.Optimizer) -> None:
+    """Allocate AdamW's lazily created state so a checkpoint can be loaded into it in place."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if not opt.state.get(p):
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _optim_tensors(opt: torch.optim.Optimizer | None, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    if opt is None:
+        return {}
+    return {f"{names[id(p)]}/{k}": v for g in opt.param_groups for p in g["params"]
+            for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+
+
+class Checkpointer:
+    """Stage-2 training state <-> ``out_dir/checkpoints/step_N`` (DCP)."""
+
+    def __init__(self, root: Path, every: int, keep: int, model: TapperModel, ctx: Ctx) -> None:
+        self.root, self.every, self.keep, self.model, self.ctx = root, every, keep, model, ctx
+        self.names = {id(p): n for n, p in model.named_parameters()}
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == total)
+
+    def _state(self, opt, sched, table_opt, step: int, losses: list[float]) -> dict:
+        m = self.model
+        state = {
+            "tower": m.tower.state_dict(),
+            "projector": m.projector.state_dict(),
+            "bridge_lora": {n: p.detach() for n, p in m.lm.named_parameters() if "lora_" in n},
+            "dense_optim": _optim_tensors(opt, self.names),
+            "table_optim_dp": _optim_tensors(table_opt, self.names),
+            "sched": sched.state_dict(),
+            "progress": {"step": step, "losses": list(losses)},
+            f"rng_rank{self.ctx.rank}": torch.get_rng_state(),
+        }
+        fused = m.tower.fused_optimizer.state_dict()
+        if fused.get("state"):  # a rank without a shard of the table has none (table_wise)
+            state["table_optim"] = fused
+        return state
+
+    def save(self, opt, sched, table_opt, step: int, losses: list[float]) -> Path:
+        path = save_checkpoint(self.root, step, self._state(opt, sched, table_opt, step, losses), self.keep)
+        if self.ctx.rank == 0:
+            log.info("checkpoint step %d -> %s", step, path)
+        return path
+
+    def restore(self, opt, sched, table_opt) -> tuple[int, list[float]]:
+        """Load the newest complete checkpoint, if any; returns (steps done, their losses)."""
+        path = latest_checkpoint(self.root)
+        found = [str(path) if path else ""]
+        dist.broadcast_object_list(found, src=0)  # every rank loads the checkpoint rank 0 saw
+        if not found[0]:
+            return 0, []
+        path = Path(found[0])
+        _init_adamw_state(opt)
+        state = load_checkpoint(path, self._state(opt, sched, table_opt, 0, []))
+        m = self.model
+        m.tower.load_state_dict(state["tower"])
+        m.projector.load_state_dict(state["projector"])
+        if "table_optim" in state:
+            m.tower.fused_optimizer.load_state_dict(state["table_optim"])
+        sched.load_state_dict(state["sched"])
+        for g, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+            g["lr"] = lr
+        torch.set_rng_state(state[f"rng_rank{self.ctx.rank}"])
+        step, losses = state["progress"]["step"], state["progress"]["losses"]
+        if self.ctx.rank == 0:
+            log.info("resumed from %s (step %d)", path, step)
+        return step, list(losses)
+
+
+# ---- the data-parallel loop (Stage 1 and Stage 2) ----
+
+
+def dist_train_loop(
+    model: TapperModel,
+    samples: list[Sample],
+    feats: DeviceFeatures,
+    param_groups: list[dict],
+    cfg: OptimConfig,
+    ctx: Ctx,
+    table_opt: torch.optim.Optimizer | None = None,
+    ckpt: Checkpointer | None = None,
+    step_sleep_s: float = 0.0,
+    desc: str = "train",
+) -> tuple[list[float], int]:
+    """``training.train_loop`` over W ranks: returns (per-step global losses, step resumed from).
+
+    ``param_groups`` hold the replicated parameters (AdamW, clipped, gradients summed here); ``table_opt``
+    steps a data-parallel table, whose gradient TorchRec's own DDP averages. A fused table updates itself
+    inside ``backward``.
+    """
+    params = [p for g in param_groups for p in g["params"]]
+    if not params:
+        raise ValueError("nothing to train: every parameter group is empty")
+    extra = [p for g in (table_opt.param_groups if table_opt else []) for p in g["params"]]
+    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = global_batches(len(samples), cfg.batch_size, cfg.epochs, ctx.world)
+    if not batches:
+        raise ValueError(f"{desc}: {len(samples)} samples give no batch for {ctx.world} ranks")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(len(batches), cfg.warmup))
+    start, losses = ckpt.restore(opt, sched, table_opt) if ckpt else (0, [])
+    model.train()
+    for step in range(start, len(batches)):
+        lo, hi = batches[step]
+        batch = feats.collate(rank_slice(samples[lo:hi], ctx.rank, ctx.world))
+        out = model(batch, feats.bank.vectors)
+        n_local = (batch.labels != IGNORE).sum().to(out.loss.dtype)
+        tot = torch.stack([n_local, out.loss.detach() * n_local])
+        dist.all_reduce(tot)  # (label tokens, summed cross-entropy) over the global batch
+        loss = (tot[1] / tot[0]).item()
+        if not math.isfinite(loss):  # every rank sees the same value, so all raise together
+            raise FloatingPointError(f"{desc}: loss is {loss} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        if table_opt is not None:
+            table_opt.zero_grad(set_to_none=True)
+        (out.loss * (n_local / tot[0])).backward()  # this rank's share; fused table rows update here
+        allreduce_grads(params)
+        for p in extra:  # a data_parallel table: TorchRec's DDP around its lookup averaged; make it the sum
+            if p.grad is not None:
+                p.grad.mul_(ctx.world)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        if table_opt is not None:
+            table_opt.step()
+        sched.step()
+        losses.append(loss)
+        if ctx.rank == 0 and (step + 1) % 10 == 0:
+            log.info("%s step %d/%d loss %.4f", desc, step + 1, len(batches), sum(losses[-10:]) / 10)
+        if ckpt is not None and ckpt.due(step + 1, len(batches)):
+            ckpt.save(opt, sched, table_opt, step + 1, losses)
+        if step_sleep_s:
+            time.sleep(step_sleep_s)
+    model.eval()
+    return losses, start
+
+
+# ---- evaluation and export ----
+
+
+@torch.no_grad()
+def replica_drift(params: list[torch.Tensor]) -> float:
+    """Largest |rank r - rank 0| over the replicated parameters (0.0 when the replicas agree bit for bit)."""
+    flat = torch._utils._flatten_dense_tensors([p.detach() for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    drift = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    return drift.item()
+
+
+def predict_sharded(model: TapperModel, feats: DeviceFeatures, samples: list[Sample], labels, batch_size: int,
+                    ctx: Ctx) -> list[dict] | None:
+    """``predict_labels`` with each rank on a slice; rows in sample order on rank 0, None elsewhere.
+
+    Slices are padded to one length so every rank runs the same number of forwards (each is a collective).
+    """
+    per = math.ceil(len(samples) / ctx.world)
+    mine = samples[ctx.rank * per : (ctx.rank + 1) * per]
+    n_mine = len(mine)
+    mine = mine + [samples[0]] * (per - n_mine)
+    rows = predict_labels(model, feats, mine, labels, batch_size=batch_size, desc="eval TAP-PER")[:n_mine]
+    gathered: list = [None] * ctx.world
+    dist.all_gather_object(gathered, rows)
+    return [r for part in gathered for r in part] if ctx.rank == 0 else None
+
+
+def unsharded_model(model: TapperModel, table: torch.Tensor) -> TapperModel:
+    """A single-process TapperModel with the gathered (U, r) table and the trained dense parts."""
+    pooling: TimeAwarePooling = model.tower.module.pooling
+    ucfg = UserStateConfig(num_users=table.shape[0], dim=table.shape[1])
+    user_table = UserStateTable(ucfg)
+    with torch.no_grad():
+        user_table.weight.copy_(table)
+    return TapperModel(model.lm, UserTower(user_table, pooling), model.projector)
+
+
+class _CpuEmbeddings:
+    """Lets TextEncoder run on CPU (it builds CPU token ids) while the backbone sits on an accelerator."""
+
+    def __init__(self, lm) -> None:
+        self.embed = copy.deepcopy(lm.get_input_embeddings()).cpu()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+# ---- the job ----
+
+
+def train_distributed(cfg: DistRunConfig, splits=None) -> dict:
+    """Stage 1 + sharded Stage 2 (+ sharded eval); every rank returns the same summary dict.
+
+    Rank 0 writes ``metrics.json`` (and ``model/``) into ``cfg.out_dir``. The summary's ``losses`` are the
+    global per-step Stage-2 losses; ``table`` (rank 0 only, else None) is the gathered (U, r) table.
+    """
+    ctx, created = init_distributed(cfg.dist.backend)
+    try:
+        return _train(cfg, ctx, splits)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    out_box = [cfg.out_dir]
+    dist.broadcast_object_list(out_box, src=0)  # one run directory per job, whatever each rank resolved
+    out = Path(out_box[0])
+    if not cfg.dist.resume and (latest_checkpoint(out / "checkpoints") or (out / "stage1").exists()):
+        raise FileExistsError(f"{out} holds checkpoints of an earlier run and dist.resume=false: "
+                              "pick another out_dir or delete them")
+    seed_everything(cfg.trainer.seed)
+    task = get_task(cfg.task.name)
+    if task.kind != RATING:
+        raise NotImplementedError(f"distributed training scores rating tasks; {task.name} is {task.kind}")
+    t_start = time.perf_counter()
+    train, test = splits if splits is not None else load_splits(cfg)
+    chosen = select_users(test, cfg.data.n_users)
+    chosen_set = set(chosen)
+    test = [ex for ex in test if ex.user_id in chosen_set]
+    train_chosen = [ex for ex in train if ex.user_id in chosen_set]
+
+    lm, tok = load_backbone(cfg.model.backbone)
+    encoder = TextEncoder(_CpuEmbeddings(lm), tok, cfg.model.max_record_tokens)
+    lm = lm.to(ctx.device)
+    users = UserIndex(chosen)
+    fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,
+                        cfg.model.max_prompt_tokens, cfg.model.max_history)
+    fb.register(train_chosen + test)
+    feats = DeviceFeatures(fb, ctx.device)
+
+    # Stage 1: task LoRA, data-parallel; saved once so a resumed run does not train it again.
+    lm = add_lora(lm, cfg.model.task_lora)
+    stage1_file = out / "stage1" / "task_lora.safetensors"
+    stage1_losses: list[float] = []
+    n_stage1 = 0
+    if cfg.dist.stage1:
+        if stage1_file.exists():
+            set_peft_model_state_dict(lm, load_file(stage1_file, device=str(ctx.device)))
+        else:
+            s1 = stage1_samples(fb, train, chosen_set, cfg.trainer.stage1_examples, cfg.trainer.seed)
+            n_stage1 = len(s1)
+            lora = lora_parameters(lm)
+            broadcast_parameters(lora)
+            stage1_losses, _ = dist_train_loop(TapperModel(lm, None, None), s1, feats, [{"params": lora}],
+                                               cfg.trainer.stage1, ctx, desc="stage 1 (task LoRA)")
+            if ctx.rank == 0:
+                state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(lm).items()}
+                atomic_write_bytes(stage1_file, save_safetensors(state))
+            dist.barrier()
+    task_lora_state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(lm).items()}
+    lm = merge_lora(lm)
+
+    # Stage 2: the tower goes into DMP; everything else is replicated.
+    seed_everything(cfg.trainer.seed + 1)
+    lm = add_lora(lm, cfg.model.bridge_lora)
+    model = build_tapper(cfg, lm, len(users))
+    model.projector.to(ctx.device)
+    model.tower.pooling.to(ctx.device)
+    table_lr = cfg.dist.table_lr if cfg.dist.table_lr is not None else cfg.trainer.lr_user
+    model.tower = shard_user_tower(model.tower, cfg.dist.sharding, cfg.dist.table_optimizer, lr=table_lr,
+                                   eps=cfg.dist.table_eps, device=ctx.device)
+    table_opt = table_optimizer(model.tower, cfg.dist.table_optimizer, table_lr, cfg.dist.table_eps)
+    table_param = {id(p) for g in (table_opt.param_groups if table_opt else []) for p in g["params"]}
+    tower_dense = [p for p in dense_parameters(model.tower) if id(p) not in table_param]
+    groups = [
+        {"params": tower_dense + list(model.projector.parameters()), "lr": cfg.trainer.lr_dense},
+        {"params": lora_parameters(lm), "lr": cfg.trainer.lr_bridge},
+    ]
+    broadcast_parameters([p for g in groups for p in g["params"]])
+    s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    ckpt = Checkpointer(out / "checkpoints", cfg.dist.checkpoint_every, cfg.dist.keep_checkpoints, model, ctx)
+    t0 = time.perf_counter()
+    losses, resumed_from = dist_train_loop(model, s2, feats, groups, cfg.trainer.stage2, ctx, table_opt=table_opt,
+                                           ckpt=ckpt, step_sleep_s=cfg.dist.step_sleep_s,
+                                           desc="stage 2 (personalization)")
+    stage2_s = time.perf_counter() - t0
+
+    report, rows = {}, None
+    if cfg.dist.evaluate:
+        rows = predict_sharded(model, feats, fb.question_samples(test), task.labels, cfg.trainer.eval_batch_size, ctx)
+        report = rating_report(rows) if ctx.rank == 0 else {}
+    table = gather_user_table(model.tower)
+    summary = {
+        "replica_max_diff": replica_drift([p for g in groups for p in g["params"]]),
+        "task": task.name,
+        "world_size": ctx.world,
+        "backend": dist.get_backend(),
+        "sharding": cfg.dist.sharding,
+        "table_optimizer": cfg.dist.table_optimizer,
+        "n_users": len(chosen),
+        "n_stage1_examples": n_stage1,
+        "n_stage2_examples": len(s2),
+        "n_stage2_steps": len(losses),
+        "resumed_from_step": resumed_from,
+        "stage1_losses": stage1_losses,
+        "losses": losses,
+        "stage2_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "tapper": report,
+        "stage2_s": stage2_s,
+        "total_wall_s": time.perf_counter() - t_start,
+    }
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        conf = OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, dict) else cfg
+        atomic_write_text(out / "metrics.json", json.dumps({**summary, "config": conf}, indent=2, default=str))
+        if rows is not None:
+            atomic_write_text(out / "predictions.json", json.dumps({"tapper": rows}))
+        if cfg.dist.save_model:
+            save_model(out / "model", unsharded_model(model, table), task_lora_state, users, fb.bank, cfg,
+                       histories=train_chosen + test)
+        log.info("stage 2: %d steps, final loss %.4f; wrote %s", len(losses), summary["stage2_final_loss"],
+                 out / "metrics.json")
+    dist.barrier()
+    return {**summary, "predictions": rows, "table": table}
+
+
+# ---- Hydra entry point ----
+
+
+def _main(cfg) -> None:
+    run_cfg: DistRunConfig = OmegaConf.to_object(cfg)
+    result = train_distributed(run_cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stage 2: {result['n_stage2_steps']} steps on {result['world_size']} rank(s), "
+              f"final loss {result['stage2_final_loss']:.4f}; wrote {Path(run_cfg.out_dir) / 'metrics.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+
+    from recsys_tapper.cli import CONFIG_DIR
+
+    register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("RANK", "0")) != 0:  # one run directory, written by rank 0 only
+        args += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    sys.argv = ["recsys_tapper.dist_train", *args]
+    hydra.main(config_path=CONFIG_DIR, config_name="dist", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Serving: known users reproduce the evaluation path; cold users are served by P_q plus the cold-start row."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from embeddings.cold_start import cold_start_rows
+from recsys_tapper.config import RunConfig
+from recsys_tapper.pipeline import run
+from recsys_tapper.serve import Server
+from recsys_tapper.synthetic import synthetic_rating_task
+
+Q = "Rate the movie from 1 to 5. movie: film 12 | drama"
+HISTORY = [{"id": "a", "text": "film 1 | drama", "score": "5", "date": 3.0},
+           {"id": "b", "text": "film 2 | comedy", "score": "1", "date": 6.0}]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained run (tiny random Llama, 3 users, L=2, d=32) and its test questions."""
+    cfg = RunConfig()
+    cfg.model.backbone.name_or_path = "tiny-random-llama"
+    cfg.model.projector.slots = 2
+    cfg.data.n_users = 3
+    cfg.trainer.stage1_examples = 8
+    cfg.trainer.stage2_per_user = 2
+    cfg.out_dir = str(tmp_path_factory.mktemp("run"))
+    _, test = synthetic_rating_task(n_users=4, n_records=8, seed=2)
+    run(cfg, splits=synthetic_rating_task(n_users=4, n_records=8, seed=2))
+    return Path(cfg.out_dir), test
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    return Server(trained[0] / "model")
+
+
+@pytest.fixture(scope="module")
+def mean_server(trained):
+    return Server(trained[0] / "model", cold_start="mean")
+
+
+def test_cold_start_rows_by_hand():
+    w = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-1.0, 1.0]])
+    assert torch.equal(cold_start_rows(w, "zero"), torch.zeros(2))
+    assert torch.equal(cold_start_rows(w, "mean"), torch.tensor([1.0, 1.0]))
+    assert torch.equal(cold_start_rows(torch.zeros(0, 3), "mean"), torch.zeros(3))
+    with pytest.raises(ValueError, match="cold_start mode 'median' is not one of zero, mean"):
+        cold_start_rows(w, "median")
+
+
+def test_known_users_reproduce_the_evaluation_predictions(trained, server):
+    out_dir, test = trained
+    saved = {r["id"]: r for r in json.loads((out_dir / "predictions.json").read_text())["tapper"]}
+    checked = 0
+    for ex in test:
+        if ex.id not in saved:
+            continue
+        checked += 1
+        got = server.predict(ex.user_id, ex.input, date=ex.date)
+        assert got["served_by"] == "pu+pq" and got["n_history"] == len(ex.profile)
+        assert got["pred"] == saved[ex.id]["pred"]
+        torch.testing.assert_close(got["expected"], saved[ex.id]["expected"], rtol=1e-5, atol=1e-5)
+        assert math.isclose(sum(got["probs"].values()), 1.0, rel_tol=1e-5)
+    assert checked == len(saved) == 9  # 3 users x 3 test questions
+
+
+def _with_row(server: Server, user: str, row: torch.Tensor, fn):
+    """Run ``fn`` with ``user``'s P_u row temporarily replaced (a reference for the cold-start paths)."""
+    w = server.model.tower.table.weight
+    r = server.users.row(user)
+    saved = w[r].detach().clone()
+    with torch.no_grad():
+        w[r] = row
+    try:
+        return fn()
+    finally:
+        with torch.no_grad():
+            w[r] = saved
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_cold_user_is_served_by_pq_plus_the_cold_start_row(server, mean_server, mode):
+    s = server if mode == "zero" else mean_server
+    cold = s.predict("never-seen", Q, history_records=HISTORY, date=8.0)
+    assert cold["served_by"] == f"pq_only({mode})" and cold["n_history"] == 2
+    # reference: a known user whose row is set to the cold-start row, with the same history and date
+    row = torch.zeros(s.model.tower.table.weight.shape[1]) if mode == "zero" else \
+        s.model.tower.table.weight.detach().mean(0)
+    ref = _with_row(s, "syn1", row, lambda: s.predict("syn1", Q, history_records=HISTORY, date=8.0))
+    assert ref["served_by"] == "pu+pq"
+    torch.testing.assert_close(torch.tensor(list(cold["probs"].values())), torch.tensor(list(ref["probs"].values())))
+
+
+def test_zero_and_mean_cold_start_differ_and_history_matters(server, mean_server):
+    z = server.predict("never-seen", Q, history_records=HISTORY, date=8.0)
+    m = mean_server.predict("never-seen", Q, history_records=HISTORY, date=8.0)
+    bare = server.predict("never-seen", Q)
+    assert bare["served_by"] == "pq_only(zero)" and bare["n_history"] == 0
+    assert z["probs"] != m["probs"] and z["probs"] != bare["probs"]
+
+
+def test_bad_inputs_give_clear_errors(server):
+    cases = [
+        ({"question_input": "   "}, ValueError, "question_input is empty"),
+        ({"date": float("nan")}, ValueError, "date: nan is not a finite number of days"),
+        ({"date": "13/45/2020"}, ValueError, "date: cannot parse date '13/45/2020': month must be in 1..12"),
+        ({"user_id": ""}, ValueError, "user_id must be a non-empty string, got ''"),
+        ({"history_records": [{"id": "x", "text": "t"}]}, ValueError,
+         "history_records[0]: task movielens: profile record lacks field 'score'"),
+        ({"history_records": [{"id": "x", "text": "t", "score": "3", "date": float("inf")}]}, ValueError,
+         "history_records[0]: field 'date': inf is not a finite number of days"),
+        ({"history_records": ["x"]}, TypeError, "history_records[0]: expected a ProfileRecord or a dict, got str"),
+    ]
+    for kw, err, msg in cases:
+        args = {"user_id": "syn0", "question_input": Q} | kw
+        with pytest.raises(err) as e:
+            server.predict(**args)
+        assert str(e.value) == msg
+    with pytest.raises(ValueError, match="cold_start 'warm' is not one of zero, mean"):
+        Server(server.model_dir, cold_start="warm")
