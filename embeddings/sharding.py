@@ -4,8 +4,13 @@ DMP wraps the user tower only (the frozen LLM stays outside). The P_u table is p
 ``ParameterConstraints`` that names one sharding type; its optimizer is fused into the table's backward
 (``apply_optimizer_in_backward``: FBGEMM updates the touched rows while the gradient is computed, so a
 (num_users, dim) gradient is never materialized). Dense parameters are *not* wrapped in DDP here: the
-caller all-reduces their gradients (``allreduce_grads``), one mechanism for the pooling, the projector and
-the bridge LoRA alike.
+caller averages their gradients (``average_grads``), one mechanism for the pooling, the projector and the
+bridge LoRA alike.
+
+Gradient convention: every table gradient arrives *averaged* over ranks, as DDP's do (TorchRec's
+``comm_ops`` divide the pooled-embedding gradients by the world size; a ``data_parallel`` table sits in
+TorchRec's own DDP). So a rank whose loss is ``W * (its share of the global loss)`` gets, after averaging,
+exactly the one-process gradient of the global batch.
 
     sharding        where the (U, r) table lives                          devices
     table_wise      whole table on one rank                               CPU, GPU
@@ -75,7 +80,7 @@ def _quiet():
 
 
 class NoDataParallel(DataParallelWrapper):
-    """Leave the tower's dense parameters unwrapped; the training loop all-reduces their gradients."""
+    """Leave the tower's dense parameters unwrapped; the training loop averages their gradients (average_grads)."""
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
         return None
@@ -136,11 +141,13 @@ def shard_user_tower(
     eps: float = 1e-8,
     device: torch.device | None = None,
     pg: dist.ProcessGroup | None = None,
+    reserve: float = 0.15,
 ) -> DistributedModelParallel:
     """Wrap ``tower`` (any module holding the ``user_state`` EBC) in DMP.
 
     The table keeps the rows it had before sharding (DMP would re-initialize each shard; we copy the
-    unsharded rows back), so every world size starts from the same table. For every sharding type except
+    unsharded rows back), so every world size starts from the same table. A table built on the ``meta``
+    device is never allocated in full: each rank initializes only its shards (FBGEMM's default init). For every sharding type except
     ``data_parallel`` the table optimizer runs fused in the backward. A ``data_parallel`` table is a
     replicated parameter (returned by :func:`dense_parameters`) whose lookup TorchRec wraps in its own DDP,
     so its gradient arrives *averaged* over ranks; the caller steps it with :func:`table_optimizer`.
@@ -151,22 +158,62 @@ def shard_user_tower(
         optimizer: key of :data:`TABLE_OPTIMIZERS`.
         lr, eps: the table optimizer's learning rate and epsilon.
         device: compute device (default cpu); the process group must match (gloo for cpu, nccl for cuda).
+        reserve: fraction of each device's memory the planner leaves to the rest (the LLM replica, activations).
     """
     device = device or torch.device("cpu")
     weight = _table_weight(tower)
-    full = weight.detach()  # keeps the unsharded rows alive for the copy below
+    full = None if weight.is_meta else weight.detach()  # keeps the unsharded rows alive for the copy below
     if sharding != "data_parallel":
         kwargs = {"lr": lr} if optimizer == "sgd" else {"lr": lr, "eps": eps}
         apply_optimizer_in_backward(TABLE_OPTIMIZERS[optimizer], [weight], kwargs)
-    plan = plan_user_table(tower, sharding, device, pg, optimizer)
+    plan = plan_user_table(tower, sharding, device, pg, optimizer, reserve)
     env = ShardingEnv.from_process_group(pg or dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(tower, env=env, device=device, plan=plan,
                                    sharders=[EmbeddingBagCollectionSharder()], data_parallel_wrapper=NoDataParallel())
-    load_user_table(dmp, full)
+    if full is not None:
+        load_user_table(dmp, full)
     return dmp
 
 
-def table_optimizer(dmp: DistributedModelParallel, optimizer: str, lr: float, eps: float) -> torch.optim.Optimizer | None:
+class ShardedUserTower(nn.Module):
+    """A DMP-wrapped tower that still reads like the plain one: ``tower.pooling``, ``tower.table`` (its
+    ``ebc`` sharded), ``tower.fused_optimizer``; calls go through DMP.
+
+    Example::
+
+        model.tower = ShardedUserTower(shard_user_tower(model.tower, "column_wise"))
+        model.tower.pooling.scorer        # the replicated scorer, as in a single process
+    """
+
+    def __init__(self, dmp: DistributedModelParallel) -> None:
+        super().__init__()
+        self.dmp = dmp
+
+    def forward(self, *args, **kwargs):
+        return self.dmp(*args, **kwargs)
+
+    @property
+    def fused_optimizer(self):
+        return self.dmp.fused_optimizer
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The DMP's state dict under the plain tower's names (``table.ebc...``, ``pooling...``)."""
+        out = destination if destination is not None else {}
+        for k, v in self.dmp.state_dict(keep_vars=keep_vars).items():  # DMP doubles a prefix it is given
+            out[prefix + k] = v
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.dmp.load_state_dict(state_dict, strict=strict)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.dmp.module, name)
+
+
+def table_optimizer(dmp: nn.Module, optimizer: str, lr: float, eps: float) -> torch.optim.Optimizer | None:
     """The non-fused optimizer of a ``data_parallel`` table (None for the fused sharding types)."""
     w = _table_param(dmp)
     if w is None:
@@ -175,25 +222,38 @@ def table_optimizer(dmp: DistributedModelParallel, optimizer: str, lr: float, ep
     return _DENSE_TABLE_OPTIMIZERS[optimizer]([w], **kwargs)
 
 
-def _table_param(dmp: nn.Module) -> nn.Parameter | None:
+def _dmp_of(module: nn.Module) -> DistributedModelParallel:
+    """The DMP inside ``module`` (its own state_dict and named_parameters use the same names)."""
+    for m in module.modules():
+        if isinstance(m, DistributedModelParallel):
+            return m
+    raise ValueError(f"no DistributedModelParallel inside {type(module).__name__}")
+
+
+def _table_param(module: nn.Module) -> nn.Parameter | None:
     """The replicated table parameter of a data_parallel plan, else None."""
+    dmp = _dmp_of(module)
     key = table_state_key(dmp)
-    value = dmp.state_dict()[key]
-    if isinstance(value, ShardedTensor):
+    if isinstance(dmp.state_dict()[key], ShardedTensor):
         return None
     return dict(dmp.named_parameters())[key]
 
 
 def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters that every rank holds in full: all but the sharded table (a ``data_parallel`` table
-    is one of them)."""
-    state = module.state_dict(keep_vars=True)
-    return [p for n, p in module.named_parameters() if p.requires_grad and not isinstance(state.get(n), ShardedTensor)]
+    is one of them). The same list, in the same order, on every rank."""
+    sharded: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, DistributedModelParallel):
+            state = m.state_dict(keep_vars=True)
+            sharded |= {id(p) for n, p in m.named_parameters() if isinstance(state.get(n), ShardedTensor)}
+    return [p for p in module.parameters() if p.requires_grad and id(p) not in sharded]
 
 
-def allreduce_grads(params: list[nn.Parameter], pg: dist.ProcessGroup | None = None) -> None:
-    """Sum the gradients of replicated parameters over ranks, in one flat buffer (a missing grad counts as 0)."""
-    if dist.get_world_size(pg) == 1 or not params:
+def average_grads(params: list[nn.Parameter], pg: dist.ProcessGroup | None = None) -> None:
+    """Average the gradients of replicated parameters over ranks, in one flat buffer (a missing grad is 0)."""
+    world = dist.get_world_size(pg)
+    if world == 1 or not params:
         return
     grads = []
     for p in params:
@@ -202,6 +262,7 @@ def allreduce_grads(params: list[nn.Parameter], pg: dist.ProcessGroup | None = N
         grads.append(p.grad)
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=pg)
+    flat.div_(world)
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
         g.copy_(synced)
 
@@ -258,14 +319,19 @@ def gather_user_table(model: nn.Module, dst: int = 0) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def load_user_table(model: nn.Module, full: torch.Tensor) -> None:
-    """Copy a full (num_users, dim) table into this rank's shards (each rank passes the same ``full``)."""
+def load_user_table(model: nn.Module, full) -> None:
+    """Copy a full (num_users, dim) table into this rank's shards; every rank passes the same table.
+
+    ``full`` is a tensor or a safetensors slice (``safe_open(path, "pt").get_slice(name)``): with a slice each
+    rank reads only its own rows and columns from the file.
+    """
     key = table_state_key(model)
     value = model.state_dict()[key]
+    shape = tuple(full.shape) if isinstance(full, torch.Tensor) else tuple(full.get_shape())
     with _quiet():
         size = tuple(value.size())
-    if size != tuple(full.shape):
-        raise ValueError(f"table is {size}, got rows of shape {tuple(full.shape)}")
+    if size != shape:
+        raise ValueError(f"table is {size}, got rows of shape {shape}")
     for (rs, cs), local in _local_shards(value):
         local.copy_(full[rs, cs])
     model.load_state_dict({key: value}, strict=False)

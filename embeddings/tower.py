@@ -36,5 +36,7 @@ class UserTower(nn.Module):
         record_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         user_state = self.table(users)  # (B, dim)
-        context, alpha = self.pooling(q, history, bank, record_terms)  # (B, d), (T,)
+        # Without autograd (serving, evaluation) the pooling takes its inference fast path: same function.
+        pool = self.pooling if torch.is_grad_enabled() else self.pooling.infer
+        context, alpha = pool(q, history, bank, record_terms)  # (B, d), (T,)
         return user_state, context, alpha

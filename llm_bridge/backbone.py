@@ -61,7 +61,7 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
            f"{package}=={version}", "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
     if proc.returncode != 0 or not found:
         raise RuntimeError(f"could not download {package}=={version} from PyPI into {dest}:\n{proc.stderr[-2000:]}")

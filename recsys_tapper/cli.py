@@ -5,6 +5,9 @@
     tapper export model_dir=runs/demo/model out=exports/demo dtype=fp32     # fp16 | int8
     tapper import export_dir=exports/demo model_dir=runs/demo/model
     tapper update model_dir=runs/demo/model events=new.parquet [strict=false]
+    tapper benchmark ml100k [methods=[tapper,oppu]] [per_user=3]       # every method, side by side
+    tapper params [--hidden 576 --layers 30 ... | --model-dir DIR | --paper] --users 1000   (argparse)
+    torchrun --nproc_per_node=2 -m recsys_tapper.dist_train ...             # distributed Stage 2
     python -m recsys_tapper demo ...
 
 Each command is a thin @hydra.main around an importable function (``recsys_tapper.pipeline.run``).
@@ -58,6 +61,15 @@ def _update(cfg: DictConfig) -> None:
         print("  skipped:", line)
 
 
+def _benchmark(cfg: DictConfig) -> None:
+    from recsys_tapper.benchmark import benchmark
+
+    bcfg = OmegaConf.to_object(cfg)
+    result = benchmark(bcfg, command="tapper benchmark " + " ".join(sys.argv[1:]))
+    print((Path(bcfg.results_dir) / "ml100k.md").read_text())
+    print(f"{len(result['methods'])} methods written to {bcfg.results_dir}/ml100k.json")
+
+
 def _register_user_ops() -> None:
     from recsys_tapper.user_ops import register as register_user_ops
 
@@ -65,18 +77,31 @@ def _register_user_ops() -> None:
 
 
 COMMANDS = {"demo": ("demo", _demo), "export": ("export", _export), "import": ("import", _import),
-            "update": ("update", _update)}
+            "update": ("update", _update), "benchmark": ("benchmark", _benchmark)}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "params":  # plain argparse: no training config involved
+        from recsys_tapper.params import main as params_main
+
+        sys.argv = ["tapper params", *argv[1:]]
+        return params_main()
+    if argv[:1] == ["benchmark"] and len(argv) > 1 and "=" not in argv[1]:
+        argv = ["benchmark", f"target={argv[1]}", *argv[2:]]  # tapper benchmark ml100k -> target=ml100k
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
-        print("commands:", ", ".join(COMMANDS))
+        print("commands:", ", ".join([*COMMANDS, "params"]))
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     name, fn = COMMANDS[argv[0]]
     register()
     if name in ("export", "import", "update"):
         _register_user_ops()
+    if name == "benchmark":
+        from hydra.core.config_store import ConfigStore
+
+        from recsys_tapper.benchmark import BenchmarkConfig
+
+        ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
     sys.argv = [f"tapper {argv[0]}", *argv[1:]]
     hydra.main(config_path=CONFIG_DIR, config_name=name, version_base="1.3")(fn)()

@@ -4,7 +4,7 @@ Two ranks on CPU (gloo), one process (world size 1), and the same with a column-
 
     torchrun --nproc_per_node=2 -m recsys_tapper.dist_train model=tiny trainer=smoke data.n_users=8 out_dir=runs/dist
     python -m recsys_tapper.dist_train model=tiny trainer=smoke data.n_users=8 out_dir=runs/dist1
-    torchrun --nproc_per_node=2 -m recsys_tapper.dist_train dist.sharding=column_wise dist.table_optimizer=adagrad
+    torchrun --nproc_per_node=2 -m recsys_tapper.dist_train dist.sharding=column_wise dist.checkpoint_every=20
 
 Running the same command again into the same ``out_dir`` resumes from the newest complete checkpoint.
 
@@ -15,12 +15,13 @@ How the work is divided (world size W, global batch B = ``trainer.stage2.batch_s
   (``dist.sharding``); its optimizer (``dist.table_optimizer``, row-wise Adagrad by default) is fused into
   the backward, with a constant learning rate and no weight decay or clipping.
 - Dense trainables (scorer, lambdas, projector, bridge LoRA) are replicas: broadcast from rank 0 once, then
-  after each backward their gradients are summed over ranks in one flat all-reduce (no DDP), clipped, and
+  after each backward their gradients are averaged over ranks in one flat all-reduce (no DDP), clipped, and
   stepped by AdamW with the paper's linear schedule. (A ``data_parallel`` table is the exception: TorchRec
-  wraps its lookup in DDP, which averages; we scale that back to the sum and step it with the table optimizer.)
-- Each global batch is cut into W contiguous slices. A rank's loss is its share of the global token-mean
-  cross-entropy, ``loss_r * n_r / n``, so the summed gradients (sparse ones through the all-to-all included)
-  equal one process's gradient on the whole batch: W ranks reproduce one process step for step.
+  wraps its lookup in its own DDP; the table optimizer steps it after that.)
+- Each global batch is cut into W contiguous slices. Rank r back-propagates ``W * loss_r * n_r / n`` (n_r its
+  answer tokens, n the batch's): every gradient is averaged over ranks (ours, DDP's, and TorchRec's sparse
+  all-to-all, which divides by W), and that average is one process's gradient of the global token-mean loss
+  on the whole batch. So W ranks reproduce one process step for step.
 - Stage 1 (task LoRA) runs through the same data-parallel loop; rank 0 saves the task LoRA, and a resumed
   run loads it instead of training again.
 - Checkpoints: ``out_dir/checkpoints/step_N`` (torch.distributed.checkpoint, every rank writes its shards,
@@ -51,11 +52,13 @@ from omegaconf import OmegaConf
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
+from torchrec.distributed.comm_ops import get_gradient_division
 
 from embeddings.pooling import TimeAwarePooling
 from embeddings.record_bank import RecordBank
 from embeddings.sharding import (
-    allreduce_grads,
+    ShardedUserTower,
+    average_grads,
     broadcast_parameters,
     dense_parameters,
     gather_user_table,
@@ -219,8 +222,10 @@ def _optim_tensors(opt: torch.optim.Optimizer | None, names: dict[int, str]) -> 
 class Checkpointer:
     """Stage-2 training state <-> ``out_dir/checkpoints/step_N`` (DCP)."""
 
-    def __init__(self, root: Path, every: int, keep: int, model: TapperModel, ctx: Ctx) -> None:
+    def __init__(self, root: Path, every: int, keep: int, model: TapperModel, ctx: Ctx, fingerprint: str = "") -> None:
+        """``fingerprint``: what a resumed run must share with the saved one (the training config)."""
         self.root, self.every, self.keep, self.model, self.ctx = root, every, keep, model, ctx
+        self.fingerprint = fingerprint
         self.names = {id(p): n for n, p in model.named_parameters()}
 
     def due(self, step: int, total: int) -> bool:
@@ -235,9 +240,11 @@ class Checkpointer:
             "dense_optim": _optim_tensors(opt, self.names),
             "table_optim_dp": _optim_tensors(table_opt, self.names),
             "sched": sched.state_dict(),
-            "progress": {"step": step, "losses": list(losses)},
+            "progress": {"step": step, "losses": list(losses), "world": self.ctx.world, "config": self.fingerprint},
             f"rng_rank{self.ctx.rank}": torch.get_rng_state(),
         }
+        if self.ctx.device.type == "cuda":
+            state[f"cuda_rng_rank{self.ctx.rank}"] = torch.cuda.get_rng_state(self.ctx.device)
         fused = m.tower.fused_optimizer.state_dict()
         if fused.get("state"):  # a rank without a shard of the table has none (table_wise)
             state["table_optim"] = fused
@@ -257,6 +264,10 @@ class Checkpointer:
         if not found[0]:
             return 0, []
         path = Path(found[0])
+        progress = load_checkpoint(path, {"progress": {"step": 0, "losses": [], "world": 0, "config": ""}})["progress"]
+        if progress["world"] != self.ctx.world or progress["config"] != self.fingerprint:
+            raise ValueError(f"{path} was saved by a run with another world size ({progress['world']}) or training "
+                             f"config; resume with the same ones, or use another out_dir")
         _init_adamw_state(opt)
         state = load_checkpoint(path, self._state(opt, sched, table_opt, 0, []))
         m = self.model
@@ -268,6 +279,8 @@ class Checkpointer:
         for g, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
             g["lr"] = lr
         torch.set_rng_state(state[f"rng_rank{self.ctx.rank}"])
+        if self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state[f"cuda_rng_rank{self.ctx.rank}"], self.ctx.device)
         step, losses = state["progress"]["step"], state["progress"]["losses"]
         if self.ctx.rank == 0:
             log.info("resumed from %s (step %d)", path, step)
@@ -291,14 +304,16 @@ def dist_train_loop(
 ) -> tuple[list[float], int]:
     """``training.train_loop`` over W ranks: returns (per-step global losses, step resumed from).
 
-    ``param_groups`` hold the replicated parameters (AdamW, clipped, gradients summed here); ``table_opt``
+    ``param_groups`` hold the replicated parameters (AdamW, clipped, gradients averaged here); ``table_opt``
     steps a data-parallel table, whose gradient TorchRec's own DDP averages. A fused table updates itself
     inside ``backward``.
     """
     params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError("nothing to train: every parameter group is empty")
-    extra = [p for g in (table_opt.param_groups if table_opt else []) for p in g["params"]]
+    if not get_gradient_division():
+        raise RuntimeError("TorchRec's gradient division is off (comm_ops.set_gradient_division(False)); this "
+                           "loop assumes sparse gradients are averaged over ranks like DDP's")
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = global_batches(len(samples), cfg.batch_size, cfg.epochs, ctx.world)
     if not batches:
@@ -319,11 +334,10 @@ def dist_train_loop(
         opt.zero_grad(set_to_none=True)
         if table_opt is not None:
             table_opt.zero_grad(set_to_none=True)
-        (out.loss * (n_local / tot[0])).backward()  # this rank's share; fused table rows update here
-        allreduce_grads(params)
-        for p in extra:  # a data_parallel table: TorchRec's DDP around its lookup averaged; make it the sum
-            if p.grad is not None:
-                p.grad.mul_(ctx.world)
+        # W x this rank's share of the global token-mean loss: averaged over ranks (the convention of DDP and of
+        # TorchRec's sparse all-to-all), the gradient is one process's on the whole batch. Fused rows update here.
+        (out.loss * (n_local * ctx.world / tot[0])).backward()
+        average_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         if table_opt is not None:
@@ -372,7 +386,7 @@ def predict_sharded(model: TapperModel, feats: DeviceFeatures, samples: list[Sam
 
 def unsharded_model(model: TapperModel, table: torch.Tensor) -> TapperModel:
     """A single-process TapperModel with the gathered (U, r) table and the trained dense parts."""
-    pooling: TimeAwarePooling = model.tower.module.pooling
+    pooling: TimeAwarePooling = model.tower.pooling
     ucfg = UserStateConfig(num_users=table.shape[0], dim=table.shape[1])
     user_table = UserStateTable(ucfg)
     with torch.no_grad():
@@ -391,6 +405,17 @@ class _CpuEmbeddings:
 
 
 # ---- the job ----
+
+
+def training_fingerprint(cfg: DistRunConfig) -> str:
+    """The config a resumed run must share with the checkpoint's (not out_dir, eval, save or pacing knobs)."""
+    conf = OmegaConf.to_container(OmegaConf.structured(cfg))
+    conf.pop("out_dir", None)
+    for k in ("resume", "evaluate", "save_model", "step_sleep_s", "keep_checkpoints", "checkpoint_every", "backend"):
+        conf["dist"].pop(k, None)
+    conf["trainer"].pop("eval_batch_size", None)
+    conf["trainer"].pop("threads", None)
+    return json.dumps(conf, sort_keys=True, default=str)
 
 
 def train_distributed(cfg: DistRunConfig, splits=None) -> dict:
@@ -438,11 +463,15 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
 
     # Stage 1: task LoRA, data-parallel; saved once so a resumed run does not train it again.
     lm = add_lora(lm, cfg.model.task_lora)
-    stage1_file = out / "stage1" / "task_lora.safetensors"
+    stage1_file, stage1_conf = out / "stage1" / "task_lora.safetensors", out / "stage1" / "config.json"
+    fingerprint = training_fingerprint(cfg)
     stage1_losses: list[float] = []
     n_stage1 = 0
+    reuse = [stage1_file.exists() and stage1_conf.exists() and stage1_conf.read_text() == fingerprint]
+    dist.broadcast_object_list(reuse, src=0)  # rank 0 decides for all
     if cfg.dist.stage1:
-        if stage1_file.exists():
+        seed_everything(cfg.trainer.seed)
+        if reuse[0]:  # a resumed run: the same config already trained and saved Stage 1
             set_peft_model_state_dict(lm, load_file(stage1_file, device=str(ctx.device)))
         else:
             s1 = stage1_samples(fb, train, chosen_set, cfg.trainer.stage1_examples, cfg.trainer.seed)
@@ -454,6 +483,7 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
             if ctx.rank == 0:
                 state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(lm).items()}
                 atomic_write_bytes(stage1_file, save_safetensors(state))
+                atomic_write_text(stage1_conf, fingerprint)  # last: marks the LoRA above as complete
             dist.barrier()
     task_lora_state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(lm).items()}
     lm = merge_lora(lm)
@@ -465,8 +495,8 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
     model.projector.to(ctx.device)
     model.tower.pooling.to(ctx.device)
     table_lr = cfg.dist.table_lr if cfg.dist.table_lr is not None else cfg.trainer.lr_user
-    model.tower = shard_user_tower(model.tower, cfg.dist.sharding, cfg.dist.table_optimizer, lr=table_lr,
-                                   eps=cfg.dist.table_eps, device=ctx.device)
+    model.tower = ShardedUserTower(shard_user_tower(model.tower, cfg.dist.sharding, cfg.dist.table_optimizer,
+                                                    lr=table_lr, eps=cfg.dist.table_eps, device=ctx.device))
     table_opt = table_optimizer(model.tower, cfg.dist.table_optimizer, table_lr, cfg.dist.table_eps)
     table_param = {id(p) for g in (table_opt.param_groups if table_opt else []) for p in g["params"]}
     tower_dense = [p for p in dense_parameters(model.tower) if id(p) not in table_param]
@@ -476,7 +506,8 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
     ]
     broadcast_parameters([p for g in groups for p in g["params"]])
     s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
-    ckpt = Checkpointer(out / "checkpoints", cfg.dist.checkpoint_every, cfg.dist.keep_checkpoints, model, ctx)
+    ckpt = Checkpointer(out / "checkpoints", cfg.dist.checkpoint_every, cfg.dist.keep_checkpoints, model, ctx,
+                        fingerprint=fingerprint)
     t0 = time.perf_counter()
     losses, resumed_from = dist_train_loop(model, s2, feats, groups, cfg.trainer.stage2, ctx, table_opt=table_opt,
                                            ckpt=ckpt, step_sleep_s=cfg.dist.step_sleep_s,
@@ -497,6 +528,7 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
         "table_optimizer": cfg.dist.table_optimizer,
         "n_users": len(chosen),
         "n_stage1_examples": n_stage1,
+        "stage1_reused": bool(cfg.dist.stage1 and reuse[0]),
         "n_stage2_examples": len(s2),
         "n_stage2_steps": len(losses),
         "resumed_from_step": resumed_from,
@@ -514,7 +546,8 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
         if rows is not None:
             atomic_write_text(out / "predictions.json", json.dumps({"tapper": rows}))
         if cfg.dist.save_model:
-            save_model(out / "model", unsharded_model(model, table), task_lora_state, users, fb.bank, cfg,
+            plain = RunConfig(model=cfg.model, data=cfg.data, task=cfg.task, trainer=cfg.trainer, out_dir=str(out))
+            save_model(out / "model", unsharded_model(model, table), task_lora_state, users, fb.bank, plain,
                        histories=train_chosen + test)
         log.info("stage 2: %d steps, final loss %.4f; wrote %s", len(losses), summary["stage2_final_loss"],
                  out / "metrics.json")

@@ -41,11 +41,14 @@ def predict_labels(
     model.eval()
     label_ids = label_token_ids(fb.tok, labels)
     values = torch.tensor([float(x) for x in labels]) if all(x.isdigit() for x in labels) else None
+    bank = fb.bank.vectors
+    # The scorer is frozen here: its per-record term is computed once for the whole bank.
+    record_terms = model.tower.pooling.scorer.record_term(bank) if model.personalized else None
     rows = []
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         chunk = samples[i : i + batch_size]
         batch = fb.collate(chunk, with_labels=False)
-        probs = model.label_probs(batch, fb.bank.vectors, label_ids)  # (B, n_labels)
+        probs = model.label_probs(batch, bank, label_ids, record_terms)  # (B, n_labels)
         for s, p, cold in zip(chunk, probs, batch.cold):
             row = {"id": s.id, "user": s.user, "gold": s.answer, "pred": labels[int(p.argmax())], "cold": cold}
             if values is not None:

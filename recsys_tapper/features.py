@@ -27,7 +27,7 @@ from embeddings.user_state import user_kjt
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.inject import IGNORE
 from recsys_tapper.data import LampExample
-from recsys_tapper.tasks import Task
+from recsys_tapper.tasks import RATING, Task
 from recsys_tapper.users import UserIndex
 
 
@@ -75,6 +75,9 @@ class FeatureBuilder:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_history = max_history
         self.eos = tokenizer.eos_token_id
+        # A rating is one label token read from the next-token logits: the loss stays on that token alone.
+        # Tasks answered by generation also learn to stop (EOS).
+        self.append_eos = task.kind != RATING
         self.suffix_ids: list[int] = tokenizer(task.prompt_suffix, add_special_tokens=False)["input_ids"]
 
     def register(self, examples: Sequence[LampExample], progress: bool = False) -> int:
@@ -139,7 +142,9 @@ class FeatureBuilder:
         rows: list[list[int]] = []
         for s in samples:
             p = self._prompt_ids(s.question)
-            a = self.tok(s.answer, add_special_tokens=False)["input_ids"] + [self.eos] if with_labels else []
+            a = self.tok(s.answer, add_special_tokens=False)["input_ids"] if with_labels else []
+            if with_labels and self.append_eos:
+                a = a + [self.eos]
             rows.append(p + a)
         n_prompt = [len(self._prompt_ids(s.question)) for s in samples]
         t = max(len(r) for r in rows)

@@ -11,7 +11,6 @@ Single process::
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ def load_splits(cfg: RunConfig) -> tuple[list[LampExample], list[LampExample]]:
         test_q, test_o = d / f"{cfg.data.test_split}_questions.json", d / f"{cfg.data.test_split}_outputs.json"
     else:
         raise ValueError(f"unknown data.source {cfg.data.source!r}: use ml100k or lamp")
-    kw = dict(task=cfg.task.name, strict=cfg.data.strict, max_text_chars=cfg.data.max_text_chars)
+    kw = {"task": cfg.task.name, "strict": cfg.data.strict, "max_text_chars": cfg.data.max_text_chars}
     train, _ = load_lamp(train_q, train_o if Path(train_o).exists() else None, **kw)
     test, _ = load_lamp(test_q, test_o, **kw)
     return train, test
@@ -104,6 +103,40 @@ def evaluate(model, fb, samples, task, batch_size, desc) -> tuple[dict, list[dic
     return rep, rows, time.perf_counter() - t0
 
 
+def train_stage1(cfg: RunConfig, lm, fb: FeatureBuilder, train: list[LampExample], personalized: set[str]):
+    """Stage 1: a task LoRA on other users' (query -> answer) pairs, no history; merged and frozen.
+
+    Returns (merged lm, the LoRA's state dict, the samples, seconds)."""
+    t0 = time.perf_counter()
+    seed_everything(cfg.trainer.seed)
+    s1 = stage1_samples(fb, train, personalized, cfg.trainer.stage1_examples, cfg.trainer.seed)
+    lm = add_lora(lm, cfg.model.task_lora)
+    train_loop(TapperModel(lm, None, None), s1, fb, [{"params": lora_parameters(lm)}], cfg.trainer.stage1,
+               desc="stage 1 (task LoRA)")
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(lm).items()}
+    return merge_lora(lm), state, s1, time.perf_counter() - t0
+
+
+def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train: list[LampExample]):
+    """Stage 2: P_u rows, scorer, lambdas, projection and a fresh bridge LoRA on the users' own histories.
+
+    Returns (model, samples, per-step losses, seconds). ``lm`` gains the bridge LoRA layers (peft); call
+    ``model.lm.unload()`` to get the plain backbone back."""
+    t0 = time.perf_counter()
+    seed_everything(cfg.trainer.seed + 1)
+    plm = add_lora(lm, cfg.model.bridge_lora)
+    model = build_tapper(cfg, plm, len(users))
+    s2 = fb.profile_samples(train, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    groups = [
+        {"params": list(model.tower.table.parameters()), "lr": cfg.trainer.lr_user, "weight_decay": cfg.trainer.wd_user},
+        {"params": list(model.tower.pooling.parameters()) + list(model.projector.parameters()),
+         "lr": cfg.trainer.lr_dense},
+        {"params": lora_parameters(plm), "lr": cfg.trainer.lr_bridge},
+    ]
+    losses = train_loop(model, s2, fb, groups, cfg.trainer.stage2, desc="stage 2 (personalization)")
+    return model, s2, losses, time.perf_counter() - t0
+
+
 def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | None = None) -> dict:
     """Train Stage 1 and Stage 2, evaluate both models on the test questions, write metrics.json."""
     if cfg.trainer.threads:
@@ -127,33 +160,11 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     fb.register(train_chosen + test, progress=True)
     test_samples = fb.question_samples(test)
 
-    # Stage 1: task LoRA on other users' pairs, no history; then merged and frozen.
-    t0 = time.perf_counter()
-    s1 = stage1_samples(fb, train, chosen_set, cfg.trainer.stage1_examples, cfg.trainer.seed)
-    lm = add_lora(lm, cfg.model.task_lora)
-    base = TapperModel(lm, None, None)
-    train_loop(base, s1, fb, [{"params": lora_parameters(lm)}], cfg.trainer.stage1, desc="stage 1 (task LoRA)")
-    task_lora_state = {k: v.clone() for k, v in get_peft_model_state_dict(lm).items()}
-    lm = merge_lora(lm)
-    stage1_s = time.perf_counter() - t0
+    lm, task_lora_state, s1, stage1_s = train_stage1(cfg, lm, fb, train, chosen_set)
     base = TapperModel(lm, None, None)
     np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
                                           "eval non-personalized")
-
-    # Stage 2: P_u rows, scorer, lambdas, projection and the bridge LoRA.
-    t0 = time.perf_counter()
-    seed_everything(cfg.trainer.seed + 1)
-    lm = add_lora(lm, cfg.model.bridge_lora)
-    model = build_tapper(cfg, lm, len(users))
-    s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
-    groups = [
-        {"params": list(model.tower.table.parameters()), "lr": cfg.trainer.lr_user, "weight_decay": cfg.trainer.wd_user},
-        {"params": list(model.tower.pooling.parameters()) + list(model.projector.parameters()),
-         "lr": cfg.trainer.lr_dense},
-        {"params": lora_parameters(lm), "lr": cfg.trainer.lr_bridge},
-    ]
-    losses = train_loop(model, s2, fb, groups, cfg.trainer.stage2, desc="stage 2 (personalization)")
-    stage2_s = time.perf_counter() - t0
+    model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen)
     tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER")
 
     user_dim = model.tower.table.cfg.dim
@@ -192,7 +203,3 @@ def format_table(result: dict) -> str:
     lines.append(f"{result['n_users']} users, {result['n_test_queries']} test queries, "
                  f"total {result['total_wall_s']:.0f} s")
     return "\n".join(lines)
-
-
-def _threads_default() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

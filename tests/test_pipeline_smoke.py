@@ -32,10 +32,10 @@ def test_tiny_pipeline_end_to_end_under_60s(tmp_path):
 def test_saved_model_reloads_and_predicts_the_same(tmp_path):
     import torch
 
+    from llm_bridge.encoder import TextEncoder
     from recsys_tapper.checkpoint import CheckpointError, load_model
     from recsys_tapper.evaluation import predict_labels
     from recsys_tapper.features import FeatureBuilder
-    from llm_bridge.encoder import TextEncoder
     from recsys_tapper.tasks import get_task
 
     cfg = RunConfig()

@@ -1,0 +1,185 @@
+"""``tapper benchmark ml100k``: every method on the MovieLens-100K time split, side by side, in one run.
+
+All 943 users, each with their 5 test queries (the test set is always complete). LLM methods share one
+backbone and one Stage-1 task LoRA; their training budget per user is capped (``per_user``, ``epochs``,
+written into the JSON) so the run fits a CPU. Results are written after every method to
+``benchmarks/results/ml100k.json`` (so a killed run resumes where it stopped), then ``ml100k.md`` (the table)
+and ``ml100k.png`` (MAE per method; classical references drawn as lines).
+
+    tapper benchmark ml100k                                  # everything
+    tapper benchmark ml100k methods=[non_personalized,tapper] per_user=2
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from embeddings.record_bank import RecordBank
+from llm_bridge.backbone import load_backbone
+from llm_bridge.encoder import TextEncoder
+from llm_bridge.lora import add_lora, merge_lora
+from recsys_tapper.baselines.classical import run_classical
+from recsys_tapper.baselines.oppu import OppuConfig, oppu_params_per_user, run_oppu
+from recsys_tapper.baselines.rag import run_rag
+from recsys_tapper.config import RunConfig
+from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.io import atomic_write_text
+from recsys_tapper.model import TapperModel
+from recsys_tapper.pipeline import load_splits, select_users, train_stage1, train_stage2
+from recsys_tapper.runmeta import run_meta
+from recsys_tapper.tasks import get_task
+from recsys_tapper.users import UserIndex
+
+LLM_METHODS = ["non_personalized", "rag_recency_k4", "rag_bm25_k4", "oppu", "tapper", "tapper_pq_only",
+               "tapper_pu_only", "tapper_no_time"]
+CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
+
+
+@dataclass
+class BenchmarkConfig(RunConfig):
+    """Args:
+    target: only ``ml100k`` for now.
+    methods: which methods to run (default: all, LLM and classical).
+    per_user: Stage-2 / OPPU training targets per user (most recent records).
+    results_dir: where ml100k.json/.md/.png go.
+    resume: skip methods already in the results JSON of the same settings.
+    """
+
+    target: str = "ml100k"
+    methods: list[str] = field(default_factory=lambda: CLASSICAL_METHODS + LLM_METHODS)
+    per_user: int = 3
+    results_dir: str = "benchmarks/results"
+    resume: bool = True
+
+
+ABLATIONS = {
+    "tapper": {},
+    "tapper_pq_only": {"model": {"projector": {"use_user_state": False}}},
+    "tapper_pu_only": {"model": {"projector": {"use_history": False}}},
+    "tapper_no_time": {"model": {"pooling": {"time_bias": False, "order_bias": False}}},
+}
+
+
+def _variant(cfg: BenchmarkConfig, name: str) -> RunConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), ABLATIONS[name])
+    return OmegaConf.to_object(merged)
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _settings(cfg: BenchmarkConfig) -> dict:
+    return {"per_user": cfg.per_user, "stage1_examples": cfg.trainer.stage1_examples,
+            "epochs": cfg.trainer.stage2.epochs, "backbone": cfg.model.backbone.name_or_path,
+            "seed": cfg.trainer.seed}
+
+
+def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") -> dict:
+    if cfg.target != "ml100k":
+        raise ValueError(f"unknown benchmark target {cfg.target!r}; available: ml100k")
+    out_dir = Path(cfg.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "ml100k.json"
+    settings = _settings(cfg)
+    result = {"methods": {}}
+    if cfg.resume and json_path.exists():
+        old = json.loads(json_path.read_text())
+        if old.get("settings") == settings:
+            result = old
+    result.update(run_meta(command), settings=settings, train_examples_per_user=cfg.per_user,
+                  epochs=cfg.trainer.stage2.epochs)
+
+    def save() -> None:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+
+    todo = [m for m in cfg.methods if m not in result["methods"]]
+    cfg.data.n_users = None
+    train, test = load_splits(cfg)
+    users_all = select_users(test, None)
+    result["n_users"] = len(users_all)
+    result["n_test_queries"] = len(test)
+
+    classical = [m for m in todo if m in CLASSICAL_METHODS]
+    if classical:
+        for name, rep in run_classical(test, methods=classical, seed=cfg.trainer.seed).items():
+            result["methods"][name] = {**rep, "kind": "classical", "params_total_1000_users": rep["params_per_user"] * 1000}
+        save()
+    llm = [m for m in todo if m in LLM_METHODS]
+    if not llm:
+        return finish(result, out_dir)
+
+    task = get_task(cfg.task.name)
+    lm, tok = load_backbone(cfg.model.backbone)
+    users = UserIndex(users_all)
+    fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens), task,
+                        RecordBank(lm.config.hidden_size), users, cfg.model.max_prompt_tokens, cfg.model.max_history)
+    fb.register(train + test, progress=True)
+    test_samples = fb.question_samples(test)
+
+    # Stage 1 once, shared by every LLM method (cached for resume).
+    s1_path = out_dir / "ml100k_stage1_lora.safetensors"
+    if s1_path.exists() and result.get("stage1_s") is not None:
+        lm = add_lora(lm, cfg.model.task_lora)
+        set_peft_model_state_dict(lm, load_file(s1_path))
+        lm = merge_lora(lm)
+    else:
+        # every user is personalized: Stage 1 falls back to records that are never Stage-2 targets
+        lm, state, _, stage1_s = train_stage1(cfg, lm, fb, train, set(users_all))
+        save_file(state, s1_path)
+        result["stage1_s"] = stage1_s
+        save()
+    stage1_s = result["stage1_s"]
+    base = TapperModel(lm, None, None)
+
+    def record(name: str, rows: list[dict], train_s: float, eval_s: float, per_user: int, total_1000: int, **extra):
+        rep = rating_report(rows)
+        result["methods"][name] = {**rep, "kind": "llm", "params_per_user": per_user,
+                                   "params_total_1000_users": total_1000, "train_s": train_s, "eval_s": eval_s,
+                                   **extra}
+        save()
+        print(f"[benchmark] {name}: mae {rep['mae']:.3f} rmse {rep['rmse']:.3f}", flush=True)
+
+    for name in llm:
+        t0 = time.perf_counter()
+        if name == "non_personalized":
+            rows = predict_labels(base, fb, test_samples, task.labels, cfg.trainer.eval_batch_size, desc=name)
+            record(name, rows, stage1_s, time.perf_counter() - t0, 0, 0)
+        elif name.startswith("rag_"):
+            rows = run_rag(base, fb, test, name, batch_size=cfg.trainer.eval_batch_size)
+            record(name, rows, stage1_s, time.perf_counter() - t0, 0, 0)
+        elif name == "oppu":
+            ocfg = OppuConfig(per_user=cfg.per_user, eval_batch_size=cfg.trainer.eval_batch_size)
+            per = oppu_params_per_user(lm, ocfg.r, ocfg.target_modules)
+            rows = run_oppu(lm, fb, train, test_samples, ocfg)
+            record(name, rows, stage1_s + time.perf_counter() - t0, 0.0, per, per * 1000)
+        else:
+            vcfg = _variant(cfg, name)
+            vcfg.trainer.stage2_per_user = cfg.per_user
+            model, s2, losses, stage2_s = train_stage2(vcfg, lm, fb, users, train)
+            t1 = time.perf_counter()
+            rows = predict_labels(model, fb, test_samples, task.labels, cfg.trainer.eval_batch_size, desc=name)
+            per = model.tower.table.cfg.dim if vcfg.model.projector.use_user_state else 0
+            shared = _count(model.tower.pooling.parameters()) + _count(model.projector.parameters()) + _count(
+                p for n, p in model.lm.named_parameters() if "lora_" in n)
+            record(name, rows, stage1_s + stage2_s, time.perf_counter() - t1, per, per * 1000 + shared,
+                   n_train=len(s2), final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+                   lambda_t=model.tower.pooling.lambda_t.item(), lambda_o=model.tower.pooling.lambda_o.item())
+            model.lm.unload()
+    return finish(result, out_dir)
+
+
+def finish(result: dict, out_dir: Path) -> dict:
+    from recsys_tapper.report import write_markdown, write_plot
+
+    write_markdown(result, out_dir / "ml100k.md")
+    write_plot(result, out_dir / "ml100k.png")
+    return result

@@ -1,0 +1,61 @@
+"""Render benchmark results: a markdown table and a bar plot of MAE per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys_tapper.io import atomic_write_text
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [
+        f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries",
+        "",
+        (f"Command: `{result.get('command')}` · git `{result.get('git_sha')}` · {result.get('date')} · "
+        f"training capped at {result.get('train_examples_per_user')} examples per user, "
+        f"{result.get('epochs')} epoch(s)"),
+        "",
+        ("| method | kind | MAE | RMSE | MAE (E) | RMSE (E) | MAE rounded | unparsable | params/user | "
+        "params, 1000 users | train s | eval s |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        lines.append(
+            f"| {name} | {m.get('kind')} | {_fmt(m.get('mae'))} | {_fmt(m.get('rmse'))} | "
+            f"{_fmt(m.get('mae_expected'))} | {_fmt(m.get('rmse_expected'))} | {_fmt(m.get('mae_rounded'))} | "
+            f"{_fmt(m.get('unparsable_frac'), '.3f')} | {m.get('params_per_user', 0):,} | "
+            f"{m.get('params_total_1000_users', 0):,} | {_fmt(m.get('train_s'), '.0f')} | {_fmt(m.get('eval_s'), '.0f')} |"
+        )
+    lines += ["", ("MAE/RMSE: argmax answer (LLM methods) or raw real-valued prediction (classical); (E): the "
+              "expectation over the label distribution; classical 'rounded' is the prediction rounded half up.")]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    llm = {k: v for k, v in result["methods"].items() if v.get("kind") == "llm"}
+    classical = {k: v for k, v in result["methods"].items() if v.get("kind") == "classical"}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = list(llm)
+    ax.bar(names, [llm[n]["mae"] for n in names], color=["#d62728" if n == "tapper" else "#1f77b4" for n in names])
+    for i, n in enumerate(names):
+        ax.text(i, llm[n]["mae"] + 0.01, f"{llm[n]['mae']:.3f}", ha="center", fontsize=8)
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+    for (n, m), ls in zip(classical.items(), styles):
+        ax.axhline(m["mae"], ls=ls, color="gray", lw=1)
+        ax.text(len(names) - 0.5, m["mae"], f" {n} {m['mae']:.3f}", va="center", fontsize=7, color="gray")
+    ax.set_ylabel("MAE (lower is better)")
+    ax.set_title(f"MovieLens-100K time split, {result.get('n_test_queries')} test queries")
+    plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
