@@ -1,4 +1,4 @@
-"""Save and load a trained TAP-PER model as safetensors + JSON (no pickle anywhere).
+"""Save and load a trained TAP-PER model as safetensors + JSON (no code-executing deserialization).
 
 Layout of a model directory::
 

@@ -1,27 +1,5 @@
-"""Atomic file writes: temp file in the same folder, fsync, rename. A crash leaves the old file or the new."""
+"""Atomic file writes (see ``embeddings.atomic``)."""
 
-from __future__ import annotations
+from embeddings.atomic import atomic_write_bytes, atomic_write_text
 
-import os
-import tempfile
-from pathlib import Path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+__all__ = ["atomic_write_bytes", "atomic_write_text"]

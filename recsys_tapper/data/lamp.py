@@ -22,15 +22,13 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from embeddings.atomic import atomic_write_text
 from recsys_tapper.data.dates import DateParseError, format_date, parse_date
 
 _TASK_FIELDS: dict[str, tuple[str, ...]] = {
@@ -397,21 +395,7 @@ def load_lamp(questions: str | Path, outputs: str | Path | None = None, *, task:
 
 
 def _atomic_write_json(obj: object, path: str | Path) -> None:
-    """Write JSON to a temp file in the same directory, fsync it, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, allow_nan=False))
 
 
 def _question_json(ex: LampExample) -> dict:
