@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import embeddings.atomic as atomic
 import embeddings.export as ex
 from embeddings.export import MANIFEST, USERS, WEIGHTS, ExportError, export_user_table, import_user_table
 
@@ -113,10 +114,10 @@ def test_a_crash_mid_export_leaves_no_temp_files_and_is_detected(export_dir, mon
             raise OSError("disk gone")
         real(src, dst)
 
-    monkeypatch.setattr(ex.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError, match="disk gone"):
         export_user_table(W * 3, IDS, None, export_dir, {"backbone_fingerprint": "f"})
-    monkeypatch.setattr(ex.os, "replace", real)
+    monkeypatch.setattr(atomic.os, "replace", real)
     assert sorted(p.name for p in export_dir.iterdir()) == sorted([MANIFEST, WEIGHTS, USERS])
     with pytest.raises(ExportError) as e:
         import_user_table(export_dir)
