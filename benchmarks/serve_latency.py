@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rag-max-prompt-tokens", type=int, default=192,
+                    help="RAG prompts keep their 4 records whole up to this many tokens")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,12 +69,13 @@ def main() -> None:
         record_terms = model.tower.pooling.scorer.record_term(fb.bank.vectors)
     emb = lm.get_input_embeddings()
     samples = fb.question_samples(questions)
-    rag = rag_samples(fb, questions, k=4, method="recency")
+    fb_rag = FeatureBuilder(tok, fb.encoder, task, fb.bank, index, max_prompt_tokens=args.rag_max_prompt_tokens)
+    rag = rag_samples(fb_rag, questions, k=4, method="recency")
 
     def answer(kind: str, i: int):
         with torch.no_grad():
             s = rag[i] if kind == "rag_k4" else samples[i]
-            batch = fb.collate([s], with_labels=False)
+            batch = (fb_rag if kind == "rag_k4" else fb).collate([s], with_labels=False)
             e = emb(batch.input_ids)
             prefix = model.prefix(batch, fb.bank.vectors, record_terms) if kind == "tapper" else None
             e, mask, _ = prepend_prefix(e, batch.attention_mask, None, prefix)
@@ -100,7 +103,7 @@ def main() -> None:
     payload = {
         "meta": run_meta(),
         "settings": {"backbone": "SmolLM2-135M-Instruct", "batch": 1, "questions": len(samples),
-                     "new_tokens": args.new_tokens, "slots": cfg.model.projector.slots, "threads": args.threads,
+                     "new_tokens": args.new_tokens, "rag_max_prompt_tokens": args.rag_max_prompt_tokens, "slots": cfg.model.projector.slots, "threads": args.threads,
                      "median_history_records": median([len(s.history_rows) for s in samples])},
         "methods": res,
         "tapper_ttft_over_none": round(median(ratios_none), 3),

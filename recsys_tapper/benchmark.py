@@ -38,8 +38,8 @@ from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 
-LLM_METHODS = ["non_personalized", "rag_recency_k4", "rag_bm25_k4", "oppu", "tapper", "tapper_pq_only",
-               "tapper_pu_only", "tapper_no_time"]
+LLM_METHODS = ["non_personalized", "tapper", "tapper_no_time", "tapper_pq_only", "tapper_pu_only",
+               "rag_recency_k4", "rag_bm25_k4", "oppu"]
 CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
 
 
@@ -51,6 +51,7 @@ class BenchmarkConfig(RunConfig):
     per_user: Stage-2 / OPPU training targets per user (most recent records).
     results_dir: where ml100k.json/.md/.png go.
     resume: skip methods already in the results JSON of the same settings.
+    rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     """
 
     target: str = "ml100k"
@@ -58,6 +59,7 @@ class BenchmarkConfig(RunConfig):
     per_user: int = 3
     results_dir: str = "benchmarks/results"
     resume: bool = True
+    rag_max_prompt_tokens: int = 192
 
 
 ABLATIONS = {
@@ -99,7 +101,9 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
                   epochs=cfg.trainer.stage2.epochs)
 
     def save() -> None:
+        result["complete"] = all(m in result["methods"] for m in cfg.methods)
         atomic_write_text(json_path, json.dumps(result, indent=2))
+        write_report(result, out_dir)
 
     todo = [m for m in cfg.methods if m not in result["methods"]]
     cfg.data.n_users = None
@@ -115,7 +119,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         save()
     llm = [m for m in todo if m in LLM_METHODS]
     if not llm:
-        return finish(result, out_dir)
+        return result
 
     task = get_task(cfg.task.name)
     lm, tok = load_backbone(cfg.model.backbone)
@@ -154,7 +158,8 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
             rows = predict_labels(base, fb, test_samples, task.labels, cfg.trainer.eval_batch_size, desc=name)
             record(name, rows, stage1_s, time.perf_counter() - t0, 0, 0)
         elif name.startswith("rag_"):
-            rows = run_rag(base, fb, test, name, batch_size=cfg.trainer.eval_batch_size)
+            fb_rag = FeatureBuilder(tok, fb.encoder, task, fb.bank, users, cfg.rag_max_prompt_tokens)
+            rows = run_rag(base, fb_rag, test, name, batch_size=cfg.trainer.eval_batch_size)
             record(name, rows, stage1_s, time.perf_counter() - t0, 0, 0)
         elif name == "oppu":
             ocfg = OppuConfig(per_user=cfg.per_user, eval_batch_size=cfg.trainer.eval_batch_size)
@@ -174,12 +179,11 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
                    n_train=len(s2), final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
                    lambda_t=model.tower.pooling.lambda_t.item(), lambda_o=model.tower.pooling.lambda_o.item())
             model.lm.unload()
-    return finish(result, out_dir)
+    return result
 
 
-def finish(result: dict, out_dir: Path) -> dict:
+def write_report(result: dict, out_dir: Path) -> None:
     from recsys_tapper.report import write_markdown, write_plot
 
     write_markdown(result, out_dir / "ml100k.md")
     write_plot(result, out_dir / "ml100k.png")
-    return result

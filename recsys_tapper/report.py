@@ -13,7 +13,8 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
-        f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries",
+        f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries"
+        + ("" if result.get("complete") else " (PARTIAL: not every requested method has run yet)"),
         "",
         (f"Command: `{result.get('command')}` · git `{result.get('git_sha')}` · {result.get('date')} · "
         f"training capped at {result.get('train_examples_per_user')} examples per user, "
