@@ -24,7 +24,7 @@ def _vec(text: str, score: str | None) -> torch.Tensor:
 
 
 def _data(drift: bool):
-    train, test = synthetic_rating_task(n_users=24, n_records=30, n_test=3, seed=7, drift=drift)
+    _, test = synthetic_rating_task(n_users=24, n_records=30, n_test=3, seed=7, drift=drift)
     profiles = {ex.user_id: ex.profile for ex in test}
     bank, rows = [], {}
     for user, prof in profiles.items():

@@ -24,10 +24,7 @@ from embeddings.export import (
 )
 from embeddings.user_state import UserStateConfig, UserStateTable
 from recsys_tapper.checkpoint import load_model, verify
-from recsys_tapper.config import RunConfig
 from recsys_tapper.interop import init_rows_from_vectors, read_user_vectors
-from recsys_tapper.pipeline import run
-from recsys_tapper.synthetic import synthetic_rating_task
 from recsys_tapper.user_ops import (
     TOWER_KEY,
     export_model,
@@ -41,18 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """One tiny trained run for the whole module (tiny random Llama, 3 users, L=2, d=32)."""
-    cfg = RunConfig()
-    cfg.model.backbone.name_or_path = "tiny-random-llama"
-    cfg.model.projector.slots = 2
-    cfg.data.n_users = 3
-    cfg.trainer.stage1_examples = 8
-    cfg.trainer.stage2_per_user = 2
-    cfg.out_dir = str(tmp_path_factory.mktemp("run"))
-    run(cfg, splits=synthetic_rating_task(n_users=4, n_records=8, seed=2))
-    return Path(cfg.out_dir) / "model"
-
+def model_dir(tiny_run) -> Path:
+    return tiny_run[0] / "model"
 
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "model"

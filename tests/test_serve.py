@@ -2,16 +2,12 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from embeddings.cold_start import cold_start_rows
-from recsys_tapper.config import RunConfig
-from recsys_tapper.pipeline import run
 from recsys_tapper.serve import Server
-from recsys_tapper.synthetic import synthetic_rating_task
 
 Q = "Rate the movie from 1 to 5. movie: film 12 | drama"
 HISTORY = [{"id": "a", "text": "film 1 | drama", "score": "5", "date": 3.0},
@@ -19,19 +15,8 @@ HISTORY = [{"id": "a", "text": "film 1 | drama", "score": "5", "date": 3.0},
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained run (tiny random Llama, 3 users, L=2, d=32) and its test questions."""
-    cfg = RunConfig()
-    cfg.model.backbone.name_or_path = "tiny-random-llama"
-    cfg.model.projector.slots = 2
-    cfg.data.n_users = 3
-    cfg.trainer.stage1_examples = 8
-    cfg.trainer.stage2_per_user = 2
-    cfg.out_dir = str(tmp_path_factory.mktemp("run"))
-    _, test = synthetic_rating_task(n_users=4, n_records=8, seed=2)
-    run(cfg, splits=synthetic_rating_task(n_users=4, n_records=8, seed=2))
-    return Path(cfg.out_dir), test
-
+def trained(tiny_run):
+    return tiny_run
 
 @pytest.fixture(scope="module")
 def server(trained):

@@ -11,8 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import embeddings.atomic as atomic
-import embeddings.export as ex
+from embeddings import atomic
 from embeddings.export import MANIFEST, USERS, WEIGHTS, ExportError, export_user_table, import_user_table
 
 W = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.25, -0.125]])
