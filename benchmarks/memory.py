@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, run_meta, write_section  # noqa: E402
+from benchmarks.common import RESULTS, run_meta, write_section
 
 CHILD = r"""
 import resource, sys, json, torch

@@ -21,19 +21,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, run_meta, write_section  # noqa: E402
-from embeddings.record_bank import RecordBank  # noqa: E402
-from llm_bridge.backbone import BackboneConfig, load_backbone  # noqa: E402
-from llm_bridge.encoder import TextEncoder  # noqa: E402
-from llm_bridge.lora import LoraSpec, add_lora, lora_parameters  # noqa: E402
-from recsys_tapper.baselines.oppu import lora_named_parameters, reset_lora  # noqa: E402
-from recsys_tapper.config import RunConfig  # noqa: E402
-from recsys_tapper.data import build_movielens_lamp, load_lamp  # noqa: E402
-from recsys_tapper.features import FeatureBuilder  # noqa: E402
-from recsys_tapper.model import TapperModel  # noqa: E402
-from recsys_tapper.pipeline import build_tapper, select_users  # noqa: E402
-from recsys_tapper.tasks import get_task  # noqa: E402
-from recsys_tapper.users import UserIndex  # noqa: E402
+from benchmarks.common import RESULTS, run_meta, write_section
+from embeddings.record_bank import RecordBank
+from llm_bridge.backbone import BackboneConfig, load_backbone
+from llm_bridge.encoder import TextEncoder
+from llm_bridge.lora import LoraSpec, add_lora, lora_parameters
+from recsys_tapper.baselines.oppu import lora_named_parameters, reset_lora
+from recsys_tapper.config import RunConfig
+from recsys_tapper.data import build_movielens_lamp, load_lamp
+from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.model import TapperModel
+from recsys_tapper.pipeline import build_tapper, select_users
+from recsys_tapper.tasks import get_task
+from recsys_tapper.users import UserIndex
 
 
 def step(model, params, opt, fb, samples) -> None:
