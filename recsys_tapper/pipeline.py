@@ -44,8 +44,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_splits(cfg: RunConfig) -> tuple[list[LampExample], list[LampExample]]:
-    """(train-split questions, test-split questions), validated."""
+def load_splits(cfg: RunConfig, reports: list | None = None) -> tuple[list[LampExample], list[LampExample]]:
+    """(train-split questions, test-split questions), validated; each file's LoadReport goes to ``reports``."""
     if cfg.data.source == "ml100k":
         paths = build_movielens_lamp()
         train_q, train_o = paths[cfg.data.train_split]
@@ -59,9 +59,20 @@ def load_splits(cfg: RunConfig) -> tuple[list[LampExample], list[LampExample]]:
     else:
         raise ValueError(f"unknown data.source {cfg.data.source!r}: use ml100k or lamp")
     kw = {"task": cfg.task.name, "strict": cfg.data.strict, "max_text_chars": cfg.data.max_text_chars}
-    train, _ = load_lamp(train_q, train_o if Path(train_o).exists() else None, **kw)
-    test, _ = load_lamp(test_q, test_o, **kw)
+    train, train_report = load_lamp(train_q, train_o if Path(train_o).exists() else None, **kw)
+    test, test_report = load_lamp(test_q, test_o, **kw)
+    if reports is not None:
+        reports += [train_report, test_report]
     return train, test
+
+
+def data_report(reports: list, encoder: TextEncoder) -> dict:
+    """What validation skipped, fixed or truncated, for the run's metrics."""
+    keys = ("n_examples", "n_skipped_examples", "n_skipped_records", "n_missing_dates", "n_bad_dates",
+            "n_truncated_texts")
+    out = {r.path: {k: getattr(r, k) for k in keys} for r in reports}
+    out["n_texts_truncated_to_max_record_tokens"] = encoder.n_truncated
+    return out
 
 
 def select_users(test: list[LampExample], n_users: int | None) -> list[str]:
@@ -146,7 +157,8 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     if task.kind != RATING:
         raise NotImplementedError(f"the demo pipeline scores rating tasks; {task.name} is {task.kind}")
     t_start = time.perf_counter()
-    train, test = splits if splits is not None else load_splits(cfg)
+    reports: list = []
+    train, test = splits if splits is not None else load_splits(cfg, reports)
     chosen = select_users(test, cfg.data.n_users)
     chosen_set = set(chosen)
     test = [ex for ex in test if ex.user_id in chosen_set]
@@ -184,6 +196,7 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
                        "wall_s": stage1_s + stage2_s + tp_eval_s},
         },
         "total_wall_s": time.perf_counter() - t_start,
+        "data_report": data_report(reports, encoder),
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, dict) else cfg,
     }
     out = Path(cfg.out_dir)

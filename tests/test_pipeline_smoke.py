@@ -66,3 +66,25 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
         assert "checksum mismatch" in str(e)
     else:
         raise AssertionError("corrupted checkpoint was loaded")
+
+
+def test_lamp_files_run_and_truncations_are_counted_in_the_report(tmp_path):
+    from recsys_tapper.data import write_lamp
+
+    train, test = synthetic_rating_task(n_users=4, n_records=8, seed=4)
+    d = tmp_path / "lamp"
+    write_lamp(train, d / "dev_questions.json", d / "dev_outputs.json", task="movielens")
+    write_lamp(test, d / "test_questions.json", d / "test_outputs.json", task="movielens")
+    cfg = RunConfig()
+    cfg.model.backbone.name_or_path = "tiny-random-llama"
+    cfg.model.projector.slots = 2
+    cfg.data.source, cfg.data.dir, cfg.data.train_split, cfg.data.n_users = "lamp", str(d), "dev", 3
+    cfg.data.max_text_chars = 12  # every movie text ("film NNNN | genre") is longer: truncated and counted
+    cfg.trainer.stage1_examples, cfg.trainer.stage2_per_user = 8, 2
+    cfg.out_dir = str(tmp_path / "run")
+    result = run(cfg)
+    rep = result["data_report"]
+    counted = {k: v for k, v in rep.items() if isinstance(v, dict)}
+    assert len(counted) == 2
+    assert all(v["n_truncated_texts"] > 0 and v["n_skipped_examples"] == 0 for v in counted.values())
+    assert result["n_test_queries"] == 9
