@@ -39,7 +39,7 @@ from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 
 LLM_METHODS = ["non_personalized", "tapper", "tapper_no_time", "tapper_pq_only", "tapper_pu_only",
-               "rag_recency_k4", "rag_bm25_k4", "oppu"]
+               "rag_recency_k4", "rag_bm25_k4", "oppu", "tapper_compressed"]
 CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
 
 
@@ -67,6 +67,7 @@ ABLATIONS = {
     "tapper_pq_only": {"model": {"projector": {"use_user_state": False}}},
     "tapper_pu_only": {"model": {"projector": {"use_history": False}}},
     "tapper_no_time": {"model": {"pooling": {"time_bias": False, "order_bias": False}}},
+    "tapper_compressed": {"model": {"user_dim": 64}},  # r=64 rows + a shared up-projection to L*d
 }
 
 
@@ -101,7 +102,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
                   epochs=cfg.trainer.stage2.epochs)
 
     def save() -> None:
-        result["complete"] = all(m in result["methods"] for m in cfg.methods)
+        result["complete"] = all(m in result["methods"] for m in CLASSICAL_METHODS + LLM_METHODS)
         atomic_write_text(json_path, json.dumps(result, indent=2))
         write_report(result, out_dir)
 
