@@ -197,6 +197,7 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
         },
         "total_wall_s": time.perf_counter() - t_start,
         "data_report": data_report(reports, encoder),
+        "references": rating_references(test),
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, dict) else cfg,
     }
     out = Path(cfg.out_dir)
@@ -205,6 +206,25 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     save_model(out / "model", model, task_lora_state, users, fb.bank, cfg, histories=train_chosen + test)
     atomic_write_text(out / "predictions.json", json.dumps({"non_personalized": np_rows, "tapper": tp_rows}))
     return result
+
+
+def rating_references(test: list[LampExample], field: str = "score") -> dict:
+    """No-LLM references on the same test questions, from each question's visible history only:
+    the most frequent rating of all visible histories (one constant), and each user's median rating."""
+    from collections import Counter
+    from statistics import median
+
+    golds = [int(ex.output) for ex in test]
+    seen = Counter(int(r.fields[field]) for ex in test for r in ex.profile)
+    mode = seen.most_common(1)[0][0] if seen else 3
+    user_median = [int(median([int(r.fields[field]) for r in ex.profile]) + 0.5) if ex.profile else mode
+                   for ex in test]
+
+    def mae(preds: list[int]) -> float:
+        return sum(abs(a - b) for a, b in zip(preds, golds)) / max(1, len(golds))
+
+    return {"constant_history_mode": {"value": mode, "mae": mae([mode] * len(golds))},
+            "user_median": {"mae": mae(user_median)}}
 
 
 def format_table(result: dict) -> str:

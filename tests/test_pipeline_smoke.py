@@ -88,3 +88,19 @@ def test_lamp_files_run_and_truncations_are_counted_in_the_report(tmp_path):
     assert len(counted) == 2
     assert all(v["n_truncated_texts"] > 0 and v["n_skipped_examples"] == 0 for v in counted.values())
     assert result["n_test_queries"] == 9
+
+
+def test_rating_references_by_hand():
+    from recsys_tapper.data import LampExample, ProfileRecord
+    from recsys_tapper.pipeline import rating_references
+
+    def rec(i, s):
+        return ProfileRecord(str(i), {"text": "x", "score": str(s)}, None)
+
+    a = LampExample("q1", "u1", "x", (rec(1, 5), rec(2, 5), rec(3, 4)), None, "4", {})
+    b = LampExample("q2", "u2", "x", (rec(4, 1), rec(5, 2)), None, "1", {})
+    ref = rating_references([a, b])
+    # mode of all visible ratings is 5 -> |4-5| + |1-5| = 5, mean 2.5
+    assert ref["constant_history_mode"] == {"value": 5, "mae": 2.5}
+    # medians: u1 -> 5, u2 -> 1.5 rounded half up -> 2: |4-5| + |1-2| = 2, mean 1.0
+    assert ref["user_median"] == {"mae": 1.0}
