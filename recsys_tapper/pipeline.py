@@ -29,7 +29,7 @@ from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from llm_bridge.projector import BridgeProjector
 from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
-from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp
+from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp, write_predictions
 from recsys_tapper.evaluation import predict_labels, rating_report
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_text
@@ -204,6 +204,8 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
     save_model(out / "model", model, task_lora_state, users, fb.bank, cfg, histories=train_chosen + test)
+    for name, rows in (("non_personalized", np_rows), ("tapper", tp_rows)):  # LaMP's outputs layout
+        write_predictions({r["id"]: r["pred"] for r in rows}, out / f"{name}_outputs.json", task.name)
     atomic_write_text(out / "predictions.json", json.dumps({"non_personalized": np_rows, "tapper": tp_rows}))
     return result
 

@@ -27,6 +27,10 @@ def test_tiny_pipeline_end_to_end_under_60s(tmp_path):
     assert saved["n_users"] == 4 and saved["n_test_queries"] == 12
     assert saved["methods"]["tapper"]["params_per_user"] == 4 * 32
     assert result["n_stage2_examples"] == 16
+    # predictions also in LaMP's outputs layout, one per test question
+    preds = json.loads((tmp_path / "run" / "tapper_outputs.json").read_text())
+    assert preds["task"] == "movielens" and len(preds["golds"]) == 12
+    assert {g["output"] for g in preds["golds"]} <= {"1", "2", "3", "4", "5"}
 
 
 def test_saved_model_reloads_and_predicts_the_same(tmp_path):
