@@ -84,6 +84,16 @@ def select_users(test: list[LampExample], n_users: int | None) -> list[str]:
     return ranked if n_users is None else ranked[:n_users]
 
 
+def personal_history(train: list[LampExample], test: list[LampExample]) -> list[LampExample]:
+    """Questions whose profiles give each test user's Stage-2 targets: the user's train-split questions, or,
+    for a user without any (user-based LaMP: test users are new), the user's test questions themselves:
+    their profiles are history that precedes the query, never the query's answer."""
+    users = {ex.user_id for ex in test}
+    own = [ex for ex in train if ex.user_id in users]
+    have = {ex.user_id for ex in own}
+    return own + [ex for ex in test if ex.user_id not in have]
+
+
 def stage1_samples(fb: FeatureBuilder, train: list[LampExample], users: set[str], n: int, seed: int) -> list[Sample]:
     """Non-personalized (query -> answer) pairs from other users' records; no history."""
     pool = [(ex, r) for ex in train if ex.user_id not in users for r in ex.profile]
@@ -162,7 +172,7 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     chosen = select_users(test, cfg.data.n_users)
     chosen_set = set(chosen)
     test = [ex for ex in test if ex.user_id in chosen_set]
-    train_chosen = [ex for ex in train if ex.user_id in chosen_set]
+    train_chosen = personal_history(train, test)
 
     lm, tok = load_backbone(cfg.model.backbone)
     encoder = TextEncoder(lm, tok, cfg.model.max_record_tokens)

@@ -108,3 +108,12 @@ def test_rating_references_by_hand():
     assert ref["constant_history_mode"] == {"value": 5, "mae": 2.5}
     # medians: u1 -> 5, u2 -> 1.5 rounded half up -> 2: |4-5| + |1-2| = 2, mean 1.0
     assert ref["user_median"] == {"mae": 1.0}
+
+
+def test_users_without_train_questions_train_on_their_test_profiles():
+    from recsys_tapper.pipeline import personal_history
+
+    train, test = synthetic_rating_task(n_users=3, n_records=6, seed=5)
+    got = personal_history(train[:1], test)  # only syn0 has a train-split question
+    assert [ex.user_id for ex in got if ex in train] == ["syn0"]
+    assert {ex.user_id for ex in got if ex in test} == {"syn1", "syn2"}
