@@ -131,7 +131,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     test_samples = fb.question_samples(test)
 
     # Stage 1 once, shared by every LLM method (cached for resume).
-    s1_path = out_dir / "ml100k_stage1_lora.safetensors"
+    s1_path = out_dir / "ml100k_stage1_lora.safetensors"  # a resume cache, git-ignored
     if s1_path.exists() and result.get("stage1_s") is not None:
         lm = add_lora(lm, cfg.model.task_lora)
         set_peft_model_state_dict(lm, load_file(s1_path))
