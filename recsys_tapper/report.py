@@ -51,10 +51,12 @@ def write_plot(result: dict, path: Path) -> None:
         ax.text(i, llm[n]["mae"] + 0.01, f"{llm[n]['mae']:.3f}", ha="center", fontsize=8)
     styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
     for (n, m), ls in zip(classical.items(), styles):
-        ax.axhline(m["mae"], ls=ls, color="gray", lw=1)
-        ax.text(len(names) - 0.5, m["mae"], f" {n} {m['mae']:.3f}", va="center", fontsize=7, color="gray")
+        ax.axhline(m["mae"], ls=ls, color="gray", lw=1, label=f"{n} {m['mae']:.3f}")
+    if classical:
+        ax.legend(title="classical references", loc="upper left", fontsize=7, title_fontsize=7)
     ax.set_ylabel("MAE (lower is better)")
-    ax.set_title(f"MovieLens-100K time split, {result.get('n_test_queries')} test queries")
+    ax.set_title(f"MovieLens-100K time split, {result.get('n_test_queries')} test queries"
+                 + ("" if result.get("complete") else " (partial: not every method has run)"))
     plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
