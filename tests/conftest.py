@@ -44,3 +44,17 @@ def tiny_run(tmp_path_factory):
     splits = synthetic_rating_task(n_users=4, n_records=8, seed=2)
     run(cfg, splits=splits)
     return Path(cfg.out_dir), splits[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_run):
+    """The saved model directory of the module's tiny run (copy it before changing it: ``copy_model``)."""
+    return tiny_run[0] / "model"
+
+
+def copy_model(src, tmp_path):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst

@@ -3,7 +3,6 @@
 import json
 import math
 import runpy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import copy_model
 from safetensors.torch import load_file
 
 from embeddings.export import (
@@ -36,15 +36,6 @@ from recsys_tapper.users import UserIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_run) -> Path:
-    return tiny_run[0] / "model"
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _table(model_dir: Path) -> torch.Tensor:
@@ -138,7 +129,7 @@ def test_fingerprint_mismatch_is_refused_unless_flagged(model_dir, tmp_path):
 
 
 def test_import_into_model_dir_replaces_rows_adds_users_and_rewrites_manifest(model_dir, tmp_path):
-    mdir = _copy(model_dir, tmp_path)
+    mdir = copy_model(model_dir, tmp_path)
     old = _table(mdir)
     ids = json.loads((mdir / "users.json").read_text())
     new_rows = torch.cat([old[[2, 0]] * 2.0, torch.full((1, 64), 0.5)])  # (3, 64): two known users + one new
@@ -199,7 +190,7 @@ def test_import_into_a_dmp_sharded_tower(tmp_path):
 def test_cli_export_then_import(model_dir, tmp_path, monkeypatch, capsys):
     from recsys_tapper.cli import main
 
-    mdir = _copy(model_dir, tmp_path)
+    mdir = copy_model(model_dir, tmp_path)
     monkeypatch.chdir(tmp_path)
     main(["export", f"model_dir={mdir}", "out=exp", "dtype=int8"])
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(["manifest.json", WEIGHTS, USERS])

@@ -1,14 +1,13 @@
 """Online updates: only the affected P_u rows change, new users get a row, bad events are rejected exactly."""
 
 import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import copy_model
 from safetensors.torch import load_file
 
 from recsys_tapper.checkpoint import FILES, load_model, read_histories, verify
@@ -20,15 +19,6 @@ TASK = get_task("movielens")
 NOW = 20000.0  # days since the epoch (2024-10-04) that count as "now" in these tests
 Q = "Rate the movie from 1 to 5. movie: "
 
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_run) -> Path:
-    return tiny_run[0] / "model"
-
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _events(rows) -> pd.DataFrame:
@@ -42,7 +32,7 @@ def _good(n=4):
 
 
 def test_update_changes_only_the_affected_rows_and_adds_new_users(model_dir, tmp_path):
-    mdir = _copy(model_dir, tmp_path)
+    mdir = copy_model(model_dir, tmp_path)
     before = {n: (mdir / n).read_bytes() for n in FILES}
     old_tower = load_file(mdir / "tower.safetensors")
     old_ids = json.loads((mdir / "users.json").read_text())
@@ -89,7 +79,7 @@ def test_update_fits_the_new_events(model_dir, tmp_path):
     The tiny random backbone barely reads its prefix (p("5") plateaus about +0.002 above the start however
     long the row trains), so this checks the direction, with a margin that the seeded run clears twice over.
     """
-    mdir = _copy(model_dir, tmp_path)
+    mdir = copy_model(model_dir, tmp_path)
     rows = [("syn0", f"n{i}", f"film {i} | comedy", "5", 86400.0 * (100 + i)) for i in range(8)]
 
     def p5() -> float:
@@ -104,7 +94,7 @@ def test_update_fits_the_new_events(model_dir, tmp_path):
 
 
 def test_a_rejected_update_leaves_the_model_directory_untouched(model_dir, tmp_path):
-    mdir = _copy(model_dir, tmp_path)
+    mdir = copy_model(model_dir, tmp_path)
     before = {p.name: p.read_bytes() for p in mdir.iterdir()}
     bad = _good()
     bad[2] = ("syn1", "n2", "film | x", "5", 86400.0 * 30000)  # year 2052

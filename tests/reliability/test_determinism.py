@@ -2,20 +2,15 @@
 
 import json
 
-from recsys_tapper.config import RunConfig
+from conftest import tiny_config
+
 from recsys_tapper.pipeline import run
 from recsys_tapper.synthetic import synthetic_rating_task
 
 
 def _cfg(out):
-    cfg = RunConfig()
-    cfg.model.backbone.name_or_path = "tiny-random-llama"
-    cfg.model.projector.slots = 2
-    cfg.data.n_users = 3
-    cfg.trainer.stage1_examples = 8
-    cfg.trainer.stage2_per_user = 3
+    cfg = tiny_config(out, stage2_per_user=3)
     cfg.trainer.stage2.batch_size = 4
-    cfg.out_dir = str(out)
     return cfg
 
 
