@@ -66,6 +66,7 @@ class TrainerConfig:
     stage1_examples: non-personalized (query -> answer) pairs from *other* users for the task LoRA.
     stage2_per_user: most recent profile records per user used as Stage-2 targets (None = all).
     lr_user / lr_dense / lr_bridge: Stage-2 learning rates of P_u rows, scorer+projection, bridge LoRA.
+    eval_max_new_tokens: greedy decoding budget for classification and generation tasks.
 
     The paper trains 3 epochs at lr 1e-4 to 2e-4. A CPU run affords about a hundred steps per stage, so the
     defaults are one epoch at higher rates (picked on the MovieLens validation queries, never on test).
@@ -82,6 +83,7 @@ class TrainerConfig:
     lr_bridge: float = 1e-3
     wd_user: float = 0.01
     eval_batch_size: int = 32
+    eval_max_new_tokens: int = 32
 
 
 @dataclass

@@ -1,12 +1,16 @@
 """Prediction and scoring on question samples.
 
 For rating tasks one forward pass reads the next-token distribution over the labels "1".."5": the argmax is
-the answer and the expectation is reported beside it.
+the answer and the expectation is reported beside it. Classification and generation tasks answer by greedy
+decoding (LaMP's rule: a class answer outside the label set is wrong), scored with accuracy/macro-F1 or
+ROUGE-1/ROUGE-L.
 
 Example::
 
-    rows = predict_labels(model, fb, samples, label_ids, labels)   # [{"id", "pred", "expected", ...}]
-    rating_report(rows)                                            # {"mae", "rmse", "mae_expected", ...}
+    rows = predict_labels(model, fb, samples, labels)   # [{"id", "pred", "expected", ...}]
+    rating_report(rows)                                 # {"mae", "rmse", "mae_expected", ...}
+    rows = predict_texts(model, fb, samples)            # [{"id", "pred", "gold", ...}]
+    task_report(task, rows)                             # {"accuracy", "f1"} or {"rouge1", "rougeL"}
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from recsys_tapper.features import FeatureBuilder, Sample
-from recsys_tapper.metrics import rating_metrics, rating_metrics_numeric
+from recsys_tapper.metrics import (
+    classification_metrics,
+    rating_metrics,
+    rating_metrics_numeric,
+    rouge_metrics,
+)
 from recsys_tapper.model import TapperModel
+from recsys_tapper.tasks import CLASSIFICATION, RATING, Task
 
 
 def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
@@ -65,3 +75,40 @@ def rating_report(rows: Sequence[dict]) -> dict:
         rep.update(mae_expected=num["mae"], rmse_expected=num["rmse"])
     rep["n"] = len(rows)
     return rep
+
+
+@torch.no_grad()
+def predict_texts(
+    model: TapperModel,
+    fb: FeatureBuilder,
+    samples: Sequence[Sample],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    desc: str = "generate",
+) -> list[dict]:
+    """Greedy answers, decoded and stripped, one row per sample: ``{"id", "user", "gold", "pred", "cold"}``."""
+    model.eval()
+    bank = fb.bank.vectors
+    record_terms = model.tower.pooling.scorer.record_term(bank) if model.personalized else None
+    rows = []
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+        chunk = samples[i : i + batch_size]
+        batch = fb.collate(chunk, with_labels=False)
+        tokens = model.generate(batch, bank, max_new_tokens, fb.tok.eos_token_id, record_terms)
+        for s, toks, cold in zip(chunk, tokens, batch.cold):
+            pred = fb.tok.decode(toks, skip_special_tokens=True).strip()
+            rows.append({"id": s.id, "user": s.user, "gold": s.answer, "pred": pred, "cold": cold})
+    return rows
+
+
+def task_report(task: Task, rows: Sequence[dict]) -> dict:
+    """The task's LaMP metrics over prediction rows (``predict_labels`` or ``predict_texts``)."""
+    if any(r["gold"] is None for r in rows):
+        raise ValueError(f"task {task.name}: {sum(r['gold'] is None for r in rows)} questions have no gold output")
+    if task.kind == RATING:
+        return rating_report(rows)
+    preds, golds = [r["pred"] for r in rows], [r["gold"] for r in rows]
+    rep = classification_metrics(preds, golds, task.labels) if task.kind == CLASSIFICATION else rouge_metrics(preds, golds)
+    if task.kind == CLASSIFICATION:
+        rep["out_of_label_set_frac"] = sum(p.strip() not in task.labels for p in preds) / max(1, len(preds))
+    return {**rep, "n": len(rows)}

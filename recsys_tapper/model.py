@@ -12,6 +12,7 @@ Example::
     model = TapperModel(lm, tower, projector)
     out = model(batch, bank)                    # out.loss, out.logits
     probs = model.label_probs(batch, bank, label_ids)   # (B, n_labels) at the answer position
+    tokens = model.generate(batch, bank, max_new_tokens=32, eos_token_id=tok.eos_token_id)  # greedy
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from embeddings.tower import UserTower
+from llm_bridge.generation import greedy_generate, left_pad
 from llm_bridge.inject import prepend_prefix
 from llm_bridge.projector import BridgeProjector
 from recsys_tapper.features import Batch
@@ -55,6 +57,19 @@ class TapperModel(nn.Module):
         embeds, mask, labels = prepend_prefix(embeds, batch.attention_mask, batch.labels, prefix)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         return ModelOutput(out.loss, out.logits, 0 if prefix is None else prefix.shape[1])
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, bank: torch.Tensor | None, max_new_tokens: int, eos_token_id: int,
+                 record_terms=None) -> list[list[int]]:
+        """Greedy answers (token ids, EOS dropped) to the batch's prompts, each led by its user's prefix."""
+        embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
+        prefix = self.prefix(batch, bank, record_terms) if self.personalized else None  # (B, L, d)
+        rows = []
+        for i, last in enumerate(batch.last_prompt.tolist()):
+            prompt = embeds[i, : last + 1]
+            rows.append(prompt if prefix is None else torch.cat([prefix[i].to(prompt.dtype), prompt]))
+        padded, mask = left_pad(rows)
+        return greedy_generate(self.lm, padded, mask, max_new_tokens, eos_token_id).tokens
 
     @torch.no_grad()
     def label_probs(self, batch: Batch, bank: torch.Tensor | None, label_ids: list[int], record_terms=None):

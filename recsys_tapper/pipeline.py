@@ -30,7 +30,7 @@ from llm_bridge.projector import BridgeProjector
 from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp, write_predictions
-from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.model import TapperModel
@@ -117,11 +117,14 @@ def build_tapper(cfg: RunConfig, lm, n_users: int) -> TapperModel:
     return TapperModel(lm, tower, BridgeProjector(cfg.model.projector, d, user_dim))
 
 
-def evaluate(model, fb, samples, task, batch_size, desc) -> tuple[dict, list[dict], float]:
+def evaluate(model, fb, samples, task, batch_size, desc, max_new_tokens: int = 32) -> tuple[dict, list[dict], float]:
+    """Rating tasks: one forward pass over the label tokens; classification/generation: greedy decoding."""
     t0 = time.perf_counter()
-    rows = predict_labels(model, fb, samples, task.labels, batch_size=batch_size, desc=desc)
-    rep = rating_report(rows) if task.kind == RATING else {}
-    return rep, rows, time.perf_counter() - t0
+    if task.kind == RATING:
+        rows = predict_labels(model, fb, samples, task.labels, batch_size=batch_size, desc=desc)
+    else:
+        rows = predict_texts(model, fb, samples, max_new_tokens, batch_size=batch_size, desc=desc)
+    return task_report(task, rows), rows, time.perf_counter() - t0
 
 
 def train_stage1(cfg: RunConfig, lm, fb: FeatureBuilder, train: list[LampExample], personalized: set[str]):
@@ -164,8 +167,11 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
     task = get_task(cfg.task.name)
-    if task.kind != RATING:
-        raise NotImplementedError(f"the demo pipeline scores rating tasks; {task.name} is {task.kind}")
+    if task.input_template is None:
+        raise NotImplementedError(
+            f"task {task.name}: its profile records carry no label ({task.record_template!r}), so neither Stage 1 "
+            "nor Stage 2 can train from profiles; the pipeline runs movielens, LaMP-2M, LaMP-2N, LaMP-3, LaMP-4 "
+            "and LaMP-5")
     t_start = time.perf_counter()
     reports: list = []
     train, test = splits if splits is not None else load_splits(cfg, reports)
@@ -184,10 +190,12 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
 
     lm, task_lora_state, s1, stage1_s = train_stage1(cfg, lm, fb, train, chosen_set)
     base = TapperModel(lm, None, None)
+    new_tokens = cfg.trainer.eval_max_new_tokens
     np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
-                                          "eval non-personalized")
+                                          "eval non-personalized", new_tokens)
     model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen)
-    tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER")
+    tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER",
+                                          new_tokens)
 
     user_dim = model.tower.table.cfg.dim
     result = {
@@ -207,7 +215,7 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
         },
         "total_wall_s": time.perf_counter() - t_start,
         "data_report": data_report(reports, encoder),
-        "references": rating_references(test),
+        "references": rating_references(test, task.output_field) if task.kind == RATING else {},
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, dict) else cfg,
     }
     out = Path(cfg.out_dir)
@@ -239,12 +247,18 @@ def rating_references(test: list[LampExample], field: str = "score") -> dict:
             "user_median": {"mae": mae(user_median)}}
 
 
+TABLE_METRICS = {"mae": "MAE", "rmse": "RMSE", "mae_expected": "MAE(E)", "accuracy": "Acc", "f1": "F1",
+                 "rouge1": "ROUGE-1", "rougeL": "ROUGE-L"}
+
+
 def format_table(result: dict) -> str:
-    head = f"{'method':<18}{'MAE':>8}{'RMSE':>8}{'MAE(E)':>8}{'params/user':>13}{'wall s':>9}"
+    first = next(iter(result["methods"].values()))
+    cols = [k for k in TABLE_METRICS if k in first]
+    head = f"{'method':<18}" + "".join(f"{TABLE_METRICS[k]:>9}" for k in cols) + f"{'params/user':>13}{'wall s':>9}"
     lines = [head, "-" * len(head)]
     for name, m in result["methods"].items():
-        lines.append(f"{name:<18}{m['mae']:>8.3f}{m['rmse']:>8.3f}{m.get('mae_expected', float('nan')):>8.3f}"
-                     f"{m['params_per_user']:>13,}{m['wall_s']:>9.1f}")
+        lines.append(f"{name:<18}" + "".join(f"{m.get(k, float('nan')):>9.3f}" for k in cols)
+                     + f"{m['params_per_user']:>13,}{m['wall_s']:>9.1f}")
     lines.append(f"{result['n_users']} users, {result['n_test_queries']} test queries, "
                  f"total {result['total_wall_s']:.0f} s")
     return "\n".join(lines)
