@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -41,6 +41,7 @@ from recsys_tapper.users import UserIndex
 LLM_METHODS = ["non_personalized", "tapper", "tapper_no_time", "tapper_pq_only", "tapper_pu_only",
                "rag_recency_k4", "rag_bm25_k4", "oppu", "tapper_compressed"]
 CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
+METHOD_NAMES = CLASSICAL_METHODS + LLM_METHODS
 
 
 @dataclass
@@ -71,6 +72,20 @@ ABLATIONS = {
 }
 
 
+def benchmark_config(overrides: list[str] | None = None) -> BenchmarkConfig:
+    """The config ``tapper benchmark ml100k <overrides>`` runs with (configs/benchmark.yaml, composed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    from recsys_tapper.cli import CONFIG_DIR
+    from recsys_tapper.config import register
+
+    register()
+    ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("benchmark", overrides=list(overrides or [])))
+
+
 def _variant(cfg: BenchmarkConfig, name: str) -> RunConfig:
     merged = OmegaConf.merge(OmegaConf.structured(cfg), ABLATIONS[name])
     return OmegaConf.to_object(merged)
@@ -86,6 +101,26 @@ def _settings(cfg: BenchmarkConfig) -> dict:
             "seed": cfg.trainer.seed}
 
 
+def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
+    """What a method's row depends on beyond the run's shared ``settings``: a row is reused on resume only when
+    these match (so changing, say, a Stage-2 learning rate reruns the TAP-PER rows and nothing else)."""
+    if name in CLASSICAL_METHODS or name == "non_personalized":
+        return {}
+    if name.startswith("rag_"):
+        return {"rag_max_prompt_tokens": cfg.rag_max_prompt_tokens}
+    if name == "oppu":
+        return asdict(OppuConfig(per_user=cfg.per_user, eval_batch_size=cfg.trainer.eval_batch_size))
+    t, m = cfg.trainer, cfg.model
+    return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
+            "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
+            "slots": m.projector.slots, "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history}
+
+
+def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
+    """The rows of an earlier run (same shared settings) that this config would reproduce."""
+    return {k: v for k, v in methods.items() if k in METHOD_NAMES and v.get("settings") == method_settings(cfg, k)}
+
+
 def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") -> dict:
     if cfg.target != "ml100k":
         raise ValueError(f"unknown benchmark target {cfg.target!r}; available: ml100k")
@@ -97,8 +132,10 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     if cfg.resume and json_path.exists():
         old = json.loads(json_path.read_text())
         if old.get("settings") == settings:
+            old["methods"] = reusable_rows(old["methods"], cfg)
             result = old
-    result.update(run_meta(command), settings=settings, train_examples_per_user=cfg.per_user,
+    meta = run_meta(command)
+    result.update(meta, settings=settings, train_examples_per_user=cfg.per_user,
                   epochs=cfg.trainer.stage2.epochs)
 
     def save() -> None:
@@ -116,40 +153,29 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     classical = [m for m in todo if m in CLASSICAL_METHODS]
     if classical:
         for name, rep in run_classical(test, methods=classical, seed=cfg.trainer.seed).items():
-            result["methods"][name] = {**rep, "kind": "classical", "params_total_1000_users": rep["params_per_user"] * 1000}
+            result["methods"][name] = {**rep, "kind": "classical", "params_total_1000_users": rep["params_per_user"] * 1000,
+                                       "settings": {}, "git_sha": meta["git_sha"], "date": meta["date"]}
         save()
     llm = [m for m in todo if m in LLM_METHODS]
     if not llm:
         return result
 
     task = get_task(cfg.task.name)
-    lm, tok = load_backbone(cfg.model.backbone)
-    users = UserIndex(users_all)
-    fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens), task,
-                        RecordBank(lm.config.hidden_size), users, cfg.model.max_prompt_tokens, cfg.model.max_history)
-    fb.register(train + test, progress=True)
-    test_samples = fb.question_samples(test)
-
-    # Stage 1 once, shared by every LLM method (cached for resume).
-    s1_path = out_dir / "ml100k_stage1_lora.safetensors"  # a resume cache, git-ignored
-    if s1_path.exists() and result.get("stage1_s") is not None:
-        lm = add_lora(lm, cfg.model.task_lora)
-        set_peft_model_state_dict(lm, load_file(s1_path))
-        lm = merge_lora(lm)
-    else:
-        # every user is personalized: Stage 1 falls back to records that are never Stage-2 targets
-        lm, state, _, stage1_s = train_stage1(cfg, lm, fb, train, set(users_all))
-        save_file(state, s1_path)
+    cache = out_dir / "ml100k_stage1_lora.safetensors"  # a resume cache, git-ignored
+    lm, tok, fb, stage1_s = stage1_model(cfg, train, train + test, users_all, cache, result.get("stage1_s"))
+    if result.get("stage1_s") is None:
         result["stage1_s"] = stage1_s
         save()
-    stage1_s = result["stage1_s"]
+    users = fb.users
+    test_samples = fb.question_samples(test)
     base = TapperModel(lm, None, None)
 
     def record(name: str, rows: list[dict], train_s: float, eval_s: float, per_user: int, total_1000: int, **extra):
         rep = rating_report(rows)
         result["methods"][name] = {**rep, "kind": "llm", "params_per_user": per_user,
                                    "params_total_1000_users": total_1000, "train_s": train_s, "eval_s": eval_s,
-                                   **extra}
+                                   **extra, "settings": method_settings(cfg, name), "git_sha": meta["git_sha"],
+                                   "date": meta["date"]}
         save()
         print(f"[benchmark] {name}: mae {rep['mae']:.3f} rmse {rep['rmse']:.3f}", flush=True)
 
@@ -181,6 +207,28 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
                    lambda_t=model.tower.pooling.lambda_t.item(), lambda_o=model.tower.pooling.lambda_o.item())
             model.lm.unload()
     return result
+
+
+def stage1_model(cfg: RunConfig, train: list, register: list, users_all: list[str], cache: Path,
+                 cached_s: float | None) -> tuple:
+    """Backbone + the Stage-1 task LoRA (merged), shared by every LLM method; ``register``'s records encoded.
+
+    The LoRA comes from ``cache`` when it exists and ``cached_s`` (its training seconds) is known, else it is
+    trained (every user is personalized: Stage 1 falls back to records that are never Stage-2 targets) and
+    cached. Returns (lm, tokenizer, feature builder, stage-1 seconds)."""
+    task = get_task(cfg.task.name)
+    lm, tok = load_backbone(cfg.model.backbone)
+    fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens), task,
+                        RecordBank(lm.config.hidden_size), UserIndex(users_all), cfg.model.max_prompt_tokens,
+                        cfg.model.max_history)
+    fb.register(register, progress=True)
+    if cache.exists() and cached_s is not None:
+        lm = add_lora(lm, cfg.model.task_lora)
+        set_peft_model_state_dict(lm, load_file(cache))
+        return merge_lora(lm), tok, fb, cached_s
+    lm, state, _, stage1_s = train_stage1(cfg, lm, fb, train, set(users_all))
+    save_file(state, cache)
+    return lm, tok, fb, stage1_s
 
 
 def write_report(result: dict, out_dir: Path) -> None:

@@ -21,18 +21,21 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{result.get('epochs')} epoch(s)"),
         "",
         ("| method | kind | MAE | RMSE | MAE (E) | RMSE (E) | MAE rounded | unparsable | params/user | "
-        "params, 1000 users | train s | eval s |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "params, 1000 users | train s | eval s | git |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
         lines.append(
             f"| {name} | {m.get('kind')} | {_fmt(m.get('mae'))} | {_fmt(m.get('rmse'))} | "
             f"{_fmt(m.get('mae_expected'))} | {_fmt(m.get('rmse_expected'))} | {_fmt(m.get('mae_rounded'))} | "
             f"{_fmt(m.get('unparsable_frac'), '.3f')} | {m.get('params_per_user', 0):,} | "
-            f"{m.get('params_total_1000_users', 0):,} | {_fmt(m.get('train_s'), '.0f')} | {_fmt(m.get('eval_s'), '.0f')} |"
+            f"{m.get('params_total_1000_users', 0):,} | {_fmt(m.get('train_s'), '.0f')} | {_fmt(m.get('eval_s'), '.0f')} | "
+            f"{str(m.get('git_sha') or '–')[:7]} |"
         )
     lines += ["", ("MAE/RMSE: argmax answer (LLM methods) or raw real-valued prediction (classical); (E): the "
-              "expectation over the label distribution; classical 'rounded' is the prediction rounded half up.")]
+              "expectation over the label distribution; classical 'rounded' is the prediction rounded half up. "
+              "git: the commit that made the row (a resumed run reuses a row only when every setting it depends "
+              "on is unchanged; each row's settings are in ml100k.json).")]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

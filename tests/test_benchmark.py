@@ -1,0 +1,38 @@
+"""The benchmark's resume rule: a row is reused only when every setting it depends on is unchanged."""
+
+from omegaconf import OmegaConf
+
+from recsys_tapper.benchmark import ABLATIONS, BenchmarkConfig, method_settings, reusable_rows
+
+
+def _cfg(**trainer) -> BenchmarkConfig:
+    cfg = OmegaConf.to_object(OmegaConf.structured(BenchmarkConfig))
+    for k, v in trainer.items():
+        setattr(cfg.trainer, k, v)
+    return cfg
+
+
+def _rows(cfg: BenchmarkConfig, names) -> dict:
+    return {n: {"mae": 1.0, "settings": method_settings(cfg, n)} for n in names}
+
+
+def test_stage2_change_reruns_tapper_rows_only():
+    old_cfg, new_cfg = _cfg(), _cfg(lr_user=0.05)
+    names = ["user_mean", "non_personalized", "rag_recency_k4", "oppu", *ABLATIONS]
+    kept = reusable_rows(_rows(old_cfg, names), new_cfg)
+    assert sorted(kept) == sorted(["user_mean", "non_personalized", "rag_recency_k4", "oppu"])
+    assert sorted(reusable_rows(_rows(old_cfg, names), old_cfg)) == sorted(names)
+
+
+def test_rows_without_settings_or_unknown_names_are_not_reused():
+    cfg = _cfg()
+    rows = {"tapper": {"mae": 1.0}, "renamed_method": {"mae": 1.0, "settings": {}}}
+    assert reusable_rows(rows, cfg) == {}
+
+
+def test_rag_budget_and_ablation_are_part_of_the_settings():
+    cfg = _cfg()
+    other = _cfg()
+    other.rag_max_prompt_tokens = 96
+    assert method_settings(cfg, "rag_bm25_k4") != method_settings(other, "rag_bm25_k4")
+    assert method_settings(cfg, "tapper") != method_settings(cfg, "tapper_no_time")
