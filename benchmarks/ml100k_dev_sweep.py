@@ -6,10 +6,7 @@ sample of them. Stage 1 is the benchmark's cached
 task LoRA when present (``benchmarks/results/ml100k_stage1_lora.safetensors``), else trained here the same way.
 Results are appended per setting to ``benchmarks/results/ml100k_dev_sweep.json``.
 
-    python benchmarks/ml100k_dev_sweep.py --eval-users 300 --settings base standardize
-
-A setting's ``standardize: true`` (an experiment, not a model option) standardizes every record and query
-vector per dimension with the mean and std of the dev-profile record vectors before Stage 2 sees them.
+    python benchmarks/ml100k_dev_sweep.py --eval-users 300 --settings base standardize_context
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from embeddings.record_bank import RecordBank
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.evaluation import predict_labels, rating_report
@@ -48,18 +44,8 @@ SETTINGS: dict[str, dict] = {
     "lr_user_3e-2_dense_1e-2": {"trainer": {"lr_user": 3e-2, "lr_dense": 1e-2}},
     "lr_user_3e-2_epochs_2": {"trainer": {"lr_user": 3e-2, "stage2": {"epochs": 2}}},
     "no_time": {"model": {"pooling": {"time_bias": False, "order_bias": False}}},
-    "standardize": {"standardize": True},
+    "standardize_context": {"model": {"projector": {"standardize_context": True}}},
 }
-
-
-class StandardizedEncoder:
-    """Wraps a TextEncoder: encode() returns (v - mean) / std."""
-
-    def __init__(self, encoder, mean, std) -> None:
-        self.inner, self.mean, self.std = encoder, mean, std
-
-    def encode(self, texts, **kw):
-        return (self.inner.encode(texts, **kw) - self.mean) / self.std
 
 
 def main() -> None:
@@ -110,19 +96,11 @@ def main() -> None:
                                       "pred_counts": dict(Counter(r["pred"] for r in rows))}
 
     for name in args.settings:
-        overrides = {k: v for k, v in SETTINGS[name].items() if k != "standardize"}
-        vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), overrides))
+        vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), SETTINGS[name]))
         vcfg.trainer.stage2_per_user = args.per_user
-        fb_run = fb
-        if SETTINGS[name].get("standardize"):
-            mean, std = fb.bank.vectors.mean(0), fb.bank.vectors.std(0) + 1e-6
-            bank = RecordBank(fb.bank.d)
-            bank.add(list(fb.bank.keys), (fb.bank.vectors - mean) / std)
-            fb_run = FeatureBuilder(tok, StandardizedEncoder(fb.encoder, mean, std), task, bank, users,
-                                    cfg.model.max_prompt_tokens)
-        model, s2, losses, train_s = train_stage2(vcfg, lm, fb_run, users, dev_users)
+        model, s2, losses, train_s = train_stage2(vcfg, lm, fb, users, dev_users)
         t0 = time.perf_counter()
-        rows = predict_labels(model, fb_run, samples, task.labels, 32, desc=name)
+        rows = predict_labels(model, fb, samples, task.labels, 32, desc=name)
         result["settings"][name] = {
             "overrides": SETTINGS[name], **rating_report(rows), "n_train": len(s2), "train_s": train_s,
             "eval_s": time.perf_counter() - t0, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),

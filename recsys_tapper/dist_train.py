@@ -80,7 +80,14 @@ from recsys_tapper.evaluation import predict_labels, rating_report
 from recsys_tapper.features import Batch, FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.model import TapperModel
-from recsys_tapper.pipeline import build_tapper, load_splits, seed_everything, select_users, stage1_samples
+from recsys_tapper.pipeline import (
+    build_tapper,
+    load_splits,
+    mean_histories,
+    seed_everything,
+    select_users,
+    stage1_samples,
+)
 from recsys_tapper.tasks import RATING, get_task
 from recsys_tapper.training import OptimConfig, linear_schedule
 from recsys_tapper.users import UserIndex
@@ -506,6 +513,8 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
     ]
     broadcast_parameters([p for g in groups for p in g["params"]])
     s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    if cfg.model.projector.standardize_context:  # every rank holds all samples: the same statistics everywhere
+        model.projector.fit_context(mean_histories(fb.bank.vectors, s2).to(ctx.device))
     ckpt = Checkpointer(out / "checkpoints", cfg.dist.checkpoint_every, cfg.dist.keep_checkpoints, model, ctx,
                         fingerprint=fingerprint)
     t0 = time.perf_counter()

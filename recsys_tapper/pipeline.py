@@ -141,6 +141,18 @@ def train_stage1(cfg: RunConfig, lm, fb: FeatureBuilder, train: list[LampExample
     return merge_lora(lm), state, s1, time.perf_counter() - t0
 
 
+def mean_histories(bank: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+    """(N, d): each sample's mean visible record vector (uniform attention), samples without history skipped."""
+    rows = [s.history_rows for s in samples if s.history_rows]
+    if not rows:
+        raise ValueError("no sample has a visible history to fit the context standardizer on")
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.tensor([i for r in rows for i in r])
+    seg = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    sums = torch.zeros(len(rows), bank.shape[1]).index_add_(0, seg, bank[ids])
+    return sums / lengths[:, None]
+
+
 def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train: list[LampExample]):
     """Stage 2: P_u rows, scorer, lambdas, projection and a fresh bridge LoRA on the users' own histories.
 
@@ -151,6 +163,8 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     plm = add_lora(lm, cfg.model.bridge_lora)
     model = build_tapper(cfg, plm, len(users))
     s2 = fb.profile_samples(train, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    if cfg.model.projector.standardize_context:
+        model.projector.fit_context(mean_histories(fb.bank.vectors, s2))
     groups = [
         {"params": list(model.tower.table.parameters()), "lr": cfg.trainer.lr_user, "weight_decay": cfg.trainer.wd_user},
         {"params": list(model.tower.pooling.parameters()) + list(model.projector.parameters()),

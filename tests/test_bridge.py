@@ -62,3 +62,27 @@ def test_projector_ablations_drop_their_part():
     assert_close(proj(u, torch.randn(3, 8)), u.view(3, 2, 8))
     compressed = BridgeProjector(BridgeProjectorConfig(slots=2), d=8, user_dim=4)
     assert compressed(torch.randn(3, 4), torch.randn(3, 8)).shape == (3, 2, 8)
+
+
+def test_standardized_context_projects_the_fitted_z_scores():
+    torch.manual_seed(0)
+    cfg = BridgeProjectorConfig(slots=2, use_user_state=False, standardize_context=True)
+    proj = BridgeProjector(cfg, d=4, user_dim=8)
+    contexts = torch.randn(50, 4) * torch.tensor([1.0, 0.01, 3.0, 0.1]) + 5.0
+    proj.fit_context(contexts)
+    assert_close(proj.context_mean, contexts.mean(0))
+    assert_close(proj.context_std, contexts.std(0))
+    c = torch.randn(3, 4)
+    want = proj.history_proj((c - contexts.mean(0)) / contexts.std(0)).view(3, 2, 4)
+    assert_close(proj(torch.zeros(3, 8), c), want)
+    assert {"context_mean", "context_std"} <= set(proj.state_dict())  # saved with the model
+
+
+def test_fit_context_rejects_bad_input():
+    import pytest
+
+    with pytest.raises(ValueError, match="needs standardize_context=True"):
+        BridgeProjector(BridgeProjectorConfig(slots=2), d=4, user_dim=8).fit_context(torch.randn(5, 4))
+    proj = BridgeProjector(BridgeProjectorConfig(slots=2, standardize_context=True), d=4, user_dim=8)
+    with pytest.raises(ValueError, match=r"expected \(N>=2, 4\) contexts"):
+        proj.fit_context(torch.randn(1, 4))

@@ -1,6 +1,9 @@
 import json
 import time
 
+import pytest
+from safetensors.torch import load_file
+
 from recsys_tapper.config import RunConfig
 from recsys_tapper.pipeline import run
 from recsys_tapper.synthetic import synthetic_rating_task
@@ -33,7 +36,8 @@ def test_tiny_pipeline_end_to_end_under_60s(tmp_path):
     assert {g["output"] for g in preds["golds"]} <= {"1", "2", "3", "4", "5"}
 
 
-def test_saved_model_reloads_and_predicts_the_same(tmp_path):
+@pytest.mark.parametrize("standardize", [False, True])
+def test_saved_model_reloads_and_predicts_the_same(tmp_path, standardize):
     import torch
 
     from llm_bridge.encoder import TextEncoder
@@ -45,12 +49,16 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
     cfg = RunConfig()
     cfg.model.backbone.name_or_path = "tiny-random-llama"
     cfg.model.projector.slots = 2
+    cfg.model.projector.standardize_context = standardize
     cfg.data.n_users = 3
     cfg.trainer.stage1_examples = 8
     cfg.trainer.stage2_per_user = 2
     cfg.out_dir = str(tmp_path / "run")
     train, test = synthetic_rating_task(n_users=4, n_records=8, seed=2)
     run(cfg, splits=(train, test))
+    if standardize:  # fitted, not left at the identity
+        stats = load_file(tmp_path / "run" / "model" / "projector.safetensors")
+        assert not torch.equal(stats["context_std"], torch.ones_like(stats["context_std"]))
     preds = json.loads((tmp_path / "run" / "predictions.json").read_text())["tapper"]
     model, tok, users, bank, _ = load_model(tmp_path / "run" / "model")
     task = get_task("movielens")
