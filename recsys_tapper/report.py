@@ -11,6 +11,12 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _short_sha(sha: str | None) -> str:
+    if not sha:
+        return "–"
+    return sha[:7] + ("+dirty" if sha.endswith("+dirty") else "")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries"
@@ -30,12 +36,13 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{_fmt(m.get('mae_expected'))} | {_fmt(m.get('rmse_expected'))} | {_fmt(m.get('mae_rounded'))} | "
             f"{_fmt(m.get('unparsable_frac'), '.3f')} | {m.get('params_per_user', 0):,} | "
             f"{m.get('params_total_1000_users', 0):,} | {_fmt(m.get('train_s'), '.0f')} | {_fmt(m.get('eval_s'), '.0f')} | "
-            f"{str(m.get('git_sha') or '–')[:7]} |"
+            f"{_short_sha(m.get('git_sha'))} |"
         )
     lines += ["", ("MAE/RMSE: argmax answer (LLM methods) or raw real-valued prediction (classical); (E): the "
               "expectation over the label distribution; classical 'rounded' is the prediction rounded half up. "
               "git: the commit that made the row (a resumed run reuses a row only when every setting it depends "
-              "on is unchanged; each row's settings are in ml100k.json).")]
+              "on is unchanged; each row's settings are in ml100k.json); +dirty: uncommitted changes in the tree. "
+              "OPPU trains and scores user by user: its train s includes its evaluation.")]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
