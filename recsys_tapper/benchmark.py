@@ -57,7 +57,7 @@ class BenchmarkConfig(RunConfig):
 
     target: str = "ml100k"
     methods: list[str] = field(default_factory=lambda: CLASSICAL_METHODS + LLM_METHODS)
-    per_user: int = 3
+    per_user: int = 2
     results_dir: str = "benchmarks/results"
     resume: bool = True
     rag_max_prompt_tokens: int = 192

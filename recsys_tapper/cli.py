@@ -5,7 +5,7 @@
     tapper export model_dir=runs/demo/model out=exports/demo dtype=fp32     # fp16 | int8
     tapper import export_dir=exports/demo model_dir=runs/demo/model
     tapper update model_dir=runs/demo/model events=new.parquet [strict=false]
-    tapper benchmark ml100k [methods=[tapper,oppu]] [per_user=3]       # every method, side by side
+    tapper benchmark ml100k [methods=[tapper,oppu]] [per_user=2]       # every method, side by side
     tapper params [--hidden 576 --layers 30 ... | --model-dir DIR | --paper] --users 1000   (argparse)
     torchrun --nproc_per_node=2 -m recsys_tapper.dist_train ...             # distributed Stage 2
     python -m recsys_tapper demo ...
