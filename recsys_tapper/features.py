@@ -134,6 +134,31 @@ class FeatureBuilder:
         random.Random(seed).shuffle(out)
         return out
 
+    def gold_question_samples(
+        self, examples: Sequence[LampExample], per_user: int | None = None, seed: int = 0
+    ) -> list[Sample]:
+        """Stage-2 examples for tasks whose profile records carry no label (LaMP-1, LaMP-7): the users'
+        questions that have a gold output, each with its own profile as history; ``per_user`` keeps each
+        user's latest (by date, then file order)."""
+        by_user: dict[str, list[tuple[int, LampExample]]] = {}
+        for i, ex in enumerate(examples):
+            if ex.output is not None and self.users.row(ex.user_id) is not None:
+                by_user.setdefault(ex.user_id, []).append((i, ex))
+        picked = []
+        for rows in by_user.values():
+            rows.sort(key=lambda t: (t[1].date is None, t[1].date or 0.0, t[0]))
+            picked += [ex for _, ex in (rows[-per_user:] if per_user is not None else rows)]
+        out = self.question_samples(picked)
+        random.Random(seed).shuffle(out)
+        return out
+
+    def stage2_samples(self, examples: Sequence[LampExample], per_user: int | None = None, seed: int = 0) -> list[Sample]:
+        """Stage-2 targets: profile records (record i, history before it) when the task's records carry a label,
+        else the users' gold-labelled questions (:meth:`gold_question_samples`)."""
+        if self.task.input_template is not None:
+            return self.profile_samples(examples, per_user=per_user, seed=seed)
+        return self.gold_question_samples(examples, per_user=per_user, seed=seed)
+
     def _prompt_ids(self, question: str) -> list[int]:
         ids = self.tok(question, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
         return ids + self.suffix_ids

@@ -84,6 +84,19 @@ def select_users(test: list[LampExample], n_users: int | None) -> list[str]:
     return ranked if n_users is None else ranked[:n_users]
 
 
+def question_trainees(train: list[LampExample], chosen: list[str], n_users: int | None) -> list[str]:
+    """For tasks whose profile records carry no label: the users Stage 2 trains rows for, i.e. the chosen test
+    users that have gold-labelled train questions, or (user-based LaMP: test users are new) the most active
+    train users. Test users without a row are served cold (P_u = 0; P_q still reads their profile)."""
+    gold = [ex for ex in train if ex.output is not None]
+    if not gold:
+        raise ValueError("this task's profile records carry no label, so Stage 1 and Stage 2 train on the train "
+                         "split's questions and their gold outputs; the train split has none (give its "
+                         "outputs file)")
+    have = {ex.user_id for ex in gold}
+    return [u for u in chosen if u in have] or select_users(gold, n_users)
+
+
 def personal_history(train: list[LampExample], test: list[LampExample]) -> list[LampExample]:
     """Questions whose profiles give each test user's Stage-2 targets: the user's train-split questions, or,
     for a user without any (user-based LaMP: test users are new), the user's test questions themselves:
@@ -95,7 +108,13 @@ def personal_history(train: list[LampExample], test: list[LampExample]) -> list[
 
 
 def stage1_samples(fb: FeatureBuilder, train: list[LampExample], users: set[str], n: int, seed: int) -> list[Sample]:
-    """Non-personalized (query -> answer) pairs from other users' records; no history."""
+    """Non-personalized (query -> answer) pairs from other users' records (or, for tasks whose records carry no
+    label, other users' gold-labelled questions); no history."""
+    if fb.task.input_template is None:
+        gold = [ex for ex in train if ex.output is not None]
+        qpool = [ex for ex in gold if ex.user_id not in users] or gold  # all personalized: share the questions
+        picked_q = random.Random(seed).sample(qpool, min(n, len(qpool)))
+        return [Sample(ex.id, f"stage1/{ex.user_id}", [], [], ex.date, ex.input, ex.output) for ex in picked_q]
     pool = [(ex, r) for ex in train if ex.user_id not in users for r in ex.profile]
     if not pool:  # every user is personalized: use records that are never Stage-2 targets
         pool = [(ex, r) for ex in train for r in ex.profile[:1]]
@@ -162,7 +181,10 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     seed_everything(cfg.trainer.seed + 1)
     plm = add_lora(lm, cfg.model.bridge_lora)
     model = build_tapper(cfg, plm, len(users))
-    s2 = fb.profile_samples(train, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    s2 = fb.stage2_samples(train, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    if not s2:
+        raise ValueError("Stage 2 has no training examples: no personalized user has a profile record after "
+                         "their first (or, for tasks without labelled records, a gold-labelled train question)")
     if cfg.model.projector.standardize_context:
         model.projector.fit_context(mean_histories(fb.bank.vectors, s2))
     groups = [
@@ -181,28 +203,28 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
     task = get_task(cfg.task.name)
-    if task.input_template is None:
-        raise NotImplementedError(
-            f"task {task.name}: its profile records carry no label ({task.record_template!r}), so neither Stage 1 "
-            "nor Stage 2 can train from profiles; the pipeline runs movielens, LaMP-2M, LaMP-2N, LaMP-3, LaMP-4 "
-            "and LaMP-5")
     t_start = time.perf_counter()
     reports: list = []
     train, test = splits if splits is not None else load_splits(cfg, reports)
     chosen = select_users(test, cfg.data.n_users)
     chosen_set = set(chosen)
     test = [ex for ex in test if ex.user_id in chosen_set]
-    train_chosen = personal_history(train, test)
+    if task.input_template is not None:  # Stage 2 trains on the chosen users' own profile records
+        trainees = chosen
+        train_chosen = personal_history(train, test)
+    else:  # LaMP-1/-7: on gold-labelled train questions
+        trainees = question_trainees(train, chosen, cfg.data.n_users)
+        train_chosen = [ex for ex in train if ex.user_id in set(trainees)]
 
     lm, tok = load_backbone(cfg.model.backbone)
     encoder = TextEncoder(lm, tok, cfg.model.max_record_tokens)
-    users = UserIndex(chosen)
+    users = UserIndex(trainees)
     fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,
                         cfg.model.max_prompt_tokens, cfg.model.max_history)
     fb.register(train_chosen + test, progress=True)
     test_samples = fb.question_samples(test)
 
-    lm, task_lora_state, s1, stage1_s = train_stage1(cfg, lm, fb, train, chosen_set)
+    lm, task_lora_state, s1, stage1_s = train_stage1(cfg, lm, fb, train, set(trainees) | chosen_set)
     base = TapperModel(lm, None, None)
     new_tokens = cfg.trainer.eval_max_new_tokens
     np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
@@ -215,6 +237,8 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     result = {
         "task": task.name,
         "n_users": len(chosen),
+        "n_trained_users": len(users),
+        "n_cold_test_queries": sum(r["cold"] for r in tp_rows),
         "n_test_queries": len(test_samples),
         "n_stage1_examples": len(s1),
         "n_stage2_examples": len(s2),

@@ -54,11 +54,71 @@ def test_task_report_refuses_rows_without_golds():
         task_report(get_task("LaMP-4"), [{"gold": None, "pred": "x"}])
 
 
-def test_profiles_without_labels_are_refused_with_the_reason(tmp_path):
+def _unlabelled_profile_task(task: str, train_users, test_users, n_questions: int = 3):
+    """Tiny LaMP-1 / LaMP-7 style data: profile records without labels, gold-labelled questions."""
+    from recsys_tapper.data import LampExample, ProfileRecord
+
+    def profile(user):
+        if task == "LaMP-7":
+            return tuple(ProfileRecord(f"{user}-r{i}", {"text": f"{user} tweet number {i} lol"}, float(i))
+                         for i in range(4))
+        return tuple(ProfileRecord(f"{user}-r{i}", {"title": f"paper {i} of {user}", "abstract": f"we study {i}"},
+                                   float(i)) for i in range(4))
+
+    def question(user, j):
+        if task == "LaMP-7":
+            return (f"Paraphrase the following tweet without any explanation before or after it: note {j}",
+                    f"{user} says note {j} lol")
+        prompt = (f'For an author who has written the paper with the title "t{j}", which reference is related? '
+                  f'Just answer with [1] or [2] without explanation. [1]: "a{j}" [2]: "b{j}"')
+        return prompt, ["[1]", "[2]"][j % 2]
+
+    def examples(users, split):
+        out = []
+        for u in users:
+            for j in range(n_questions):
+                text, gold = question(u, j)
+                out.append(LampExample(f"{split}-{u}-{j}", u, text, profile(u), 10.0 + j, gold))
+        return out
+
+    return examples(train_users, "train"), examples(test_users, "test")
+
+
+@pytest.mark.parametrize("task", ["LaMP-1", "LaMP-7"])
+def test_unlabelled_profiles_train_on_gold_questions_and_new_users_are_cold(tmp_path, task):
+    """Stage 2 trains rows for the test users with gold train questions; a new test user is served cold."""
+    cfg = tiny_config(tmp_path / "run", n_users=3, stage1_examples=4, stage2_per_user=2)
+    cfg.task.name = task
+    cfg.trainer.eval_max_new_tokens = 4
+    train, test = _unlabelled_profile_task(task, ["u0", "u1", "u2", "u3"], ["u0", "u1", "new"])
+    result = run(cfg, splits=(train, test))
+    assert result["n_users"] == 3 and result["n_trained_users"] == 2
+    assert result["n_stage2_examples"] == 4  # 2 latest gold questions each of u0 and u1
+    assert result["n_cold_test_queries"] == 3  # the new user's questions
+    metric = "accuracy" if task == "LaMP-1" else "rouge1"
+    assert metric in result["methods"]["tapper"]
+    preds = json.loads((tmp_path / "run" / "predictions.json").read_text())["tapper"]
+    assert {r["user"] for r in preds if r["cold"]} == {"new"}
+
+
+def test_user_based_split_trains_the_train_users_and_serves_every_test_user_cold(tmp_path):
+    cfg = tiny_config(tmp_path / "run", n_users=2, stage1_examples=4, stage2_per_user=1)
+    cfg.task.name = "LaMP-7"
+    cfg.trainer.eval_max_new_tokens = 3
+    train, test = _unlabelled_profile_task("LaMP-7", ["a", "b", "c"], ["x", "y"], n_questions=2)
+    result = run(cfg, splits=(train, test))
+    assert result["n_trained_users"] == 2 and result["n_stage2_examples"] == 2
+    assert result["n_cold_test_queries"] == result["n_test_queries"] == 4
+
+
+def test_unlabelled_profiles_without_train_golds_are_refused(tmp_path):
+    from dataclasses import replace
+
     cfg = tiny_config(tmp_path / "run")
     cfg.task.name = "LaMP-7"
-    with pytest.raises(NotImplementedError, match="carry no label"):
-        run(cfg, splits=([], []))
+    train, test = _unlabelled_profile_task("LaMP-7", ["u0"], ["u0"])
+    with pytest.raises(ValueError, match="the train split has none"):
+        run(cfg, splits=([replace(ex, output=None) for ex in train], test))
 
 
 def test_generate_matches_step_by_step_argmax_with_a_prefix():
