@@ -51,7 +51,8 @@ class BenchmarkConfig(RunConfig):
     methods: which methods to run (default: all, LLM and classical).
     per_user: Stage-2 / OPPU training targets per user (most recent records).
     results_dir: where ml100k.json/.md/.png go.
-    resume: skip methods already in the results JSON of the same settings.
+    resume: skip methods already in the results JSON of the same settings (false: start a new table).
+    rerun: methods to compute again even when a matching row exists (the other rows are kept).
     rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     """
 
@@ -60,6 +61,7 @@ class BenchmarkConfig(RunConfig):
     per_user: int = 2
     results_dir: str = "benchmarks/results"
     resume: bool = True
+    rerun: list[str] = field(default_factory=list)
     rag_max_prompt_tokens: int = 192
 
 
@@ -124,6 +126,9 @@ def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
 def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") -> dict:
     if cfg.target != "ml100k":
         raise ValueError(f"unknown benchmark target {cfg.target!r}; available: ml100k")
+    unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {METHOD_NAMES}")
     out_dir = Path(cfg.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "ml100k.json"
@@ -131,11 +136,15 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     result = {"methods": {}}
     if cfg.resume and json_path.exists():
         old = json.loads(json_path.read_text())
-        if old.get("settings") == settings:
-            old["methods"] = reusable_rows(old["methods"], cfg)
-            result = old
+        if old.get("settings") != settings:  # never overwrite another run's table by accident
+            raise ValueError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
+                             "pass results_dir=<another folder> for a new table, or resume=false to replace it")
+        old["methods"] = reusable_rows(old["methods"], cfg)
+        result = old
     meta = run_meta(command)
-    result.update(meta, settings=settings, train_examples_per_user=cfg.per_user,
+    # every invocation that wrote to this table, in order; each row also records its own git_sha and date
+    runs = result.get("runs") or ([{k: result[k] for k in ("command", "git_sha", "date")}] if "command" in result else [])
+    result.update(meta, runs=[*runs, {k: meta[k] for k in ("command", "git_sha", "date")}], settings=settings, train_examples_per_user=cfg.per_user,
                   epochs=cfg.trainer.stage2.epochs)
 
     def save() -> None:
@@ -143,7 +152,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         atomic_write_text(json_path, json.dumps(result, indent=2))
         write_report(result, out_dir)
 
-    todo = [m for m in cfg.methods if m not in result["methods"]]
+    todo = [m for m in cfg.methods if m not in result["methods"] or m in cfg.rerun]
     cfg.data.n_users = None
     train, test = load_splits(cfg)
     users_all = select_users(test, None)
@@ -154,7 +163,8 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     if classical:
         for name, rep in run_classical(test, methods=classical, seed=cfg.trainer.seed).items():
             result["methods"][name] = {**rep, "kind": "classical", "params_total_1000_users": rep["params_per_user"] * 1000,
-                                       "settings": {}, "git_sha": meta["git_sha"], "date": meta["date"]}
+                                       "train_s": rep["fit_s"], "eval_s": rep["predict_s"], "settings": {},
+                                       "git_sha": meta["git_sha"], "date": meta["date"]}
         save()
     llm = [m for m in todo if m in LLM_METHODS]
     if not llm:

@@ -26,6 +26,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"training capped at {result.get('train_examples_per_user')} examples per user, "
         f"{result.get('epochs')} epoch(s)"),
         "",
+        *(["Runs that wrote this table: " + "; ".join(
+            f"`{r['command']}` (git {_short_sha(r['git_sha'])}, {r['date']})" for r in result["runs"]), ""]
+          if result.get("runs") else []),
         ("| method | kind | MAE | RMSE | MAE (E) | RMSE (E) | MAE rounded | unparsable | params/user | "
         "params, 1000 users | train s | eval s | git |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

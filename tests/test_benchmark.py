@@ -36,3 +36,32 @@ def test_rag_budget_and_ablation_are_part_of_the_settings():
     other.rag_max_prompt_tokens = 96
     assert method_settings(cfg, "rag_bm25_k4") != method_settings(other, "rag_bm25_k4")
     assert method_settings(cfg, "tapper") != method_settings(cfg, "tapper_no_time")
+
+
+def test_unknown_method_names_fail_before_any_work(tmp_path):
+    import pytest
+
+    from recsys_tapper.benchmark import benchmark
+
+    cfg = _cfg()
+    cfg.results_dir = str(tmp_path)
+    cfg.rerun = ["tapperr"]
+    with pytest.raises(ValueError, match=r"unknown methods \['tapperr'\]"):
+        benchmark(cfg)
+    assert not (tmp_path / "ml100k.json").exists()
+
+
+def test_a_table_of_other_settings_is_not_overwritten(tmp_path):
+    import json
+
+    import pytest
+
+    from recsys_tapper.benchmark import _settings, benchmark
+
+    cfg = _cfg()
+    cfg.results_dir = str(tmp_path)
+    table = {"settings": {**_settings(cfg), "per_user": 99}, "methods": {"tapper": {"mae": 0.5}}}
+    (tmp_path / "ml100k.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match="holds a run with settings"):
+        benchmark(cfg)
+    assert json.loads((tmp_path / "ml100k.json").read_text()) == table

@@ -295,7 +295,8 @@ def run_classical(
         seed: for ``biased_mf``.
 
     Returns:
-        ``{method: {"mae", "rmse", "mae_rounded", "rmse_rounded", "params_per_user", "fit_s", "n"}}``.
+        ``{method: {"mae", "rmse", "mae_rounded", "rmse_rounded", "unparsable_frac", "params_per_user", "fit_s",
+        "predict_s", "n"}}``; a numeric prediction is never unparsable (``unparsable_frac`` 0 by construction).
     """
     train = visible_ratings(fit_examples if fit_examples is not None else examples)
     users, items, golds = query_pairs(examples)
@@ -304,8 +305,11 @@ def run_classical(
         t0 = time.perf_counter()
         model = CLASSICAL[name](seed).fit(*zip(*train))
         fit_s = time.perf_counter() - t0
-        out[name] = {**rating_scores(model.predict(users, items), golds), "params_per_user": model.params_per_user,
-                     "fit_s": fit_s, "n": len(golds)}
+        t1 = time.perf_counter()
+        preds = model.predict(users, items)
+        predict_s = time.perf_counter() - t1
+        out[name] = {**rating_scores(preds, golds), "unparsable_frac": 0.0, "params_per_user": model.params_per_user,
+                     "fit_s": fit_s, "predict_s": predict_s, "n": len(golds)}
     return out
 
 
