@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,6 +183,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
 
     def record(name: str, rows: list[dict], train_s: float, eval_s: float, per_user: int, total_1000: int, **extra):
         rep = rating_report(rows)
+        rep["pred_counts"] = dict(sorted(Counter(r["pred"] for r in rows).items()))  # how answers spread
         result["methods"][name] = {**rep, "kind": "llm", "params_per_user": per_user,
                                    "params_total_1000_users": total_1000, "train_s": train_s, "eval_s": eval_s,
                                    **extra, "settings": method_settings(cfg, name), "git_sha": meta["git_sha"],

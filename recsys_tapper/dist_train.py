@@ -84,8 +84,8 @@ from recsys_tapper.pipeline import (
     build_tapper,
     load_splits,
     mean_histories,
+    personal_splits,
     seed_everything,
-    select_users,
     stage1_samples,
 )
 from recsys_tapper.tasks import RATING, get_task
@@ -454,10 +454,8 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
         raise NotImplementedError(f"distributed training scores rating tasks; {task.name} is {task.kind}")
     t_start = time.perf_counter()
     train, test = splits if splits is not None else load_splits(cfg)
-    chosen = select_users(test, cfg.data.n_users)
+    chosen, test, _, train_chosen = personal_splits(train, test, cfg.data.n_users, task)  # as `tapper demo`
     chosen_set = set(chosen)
-    test = [ex for ex in test if ex.user_id in chosen_set]
-    train_chosen = [ex for ex in train if ex.user_id in chosen_set]
 
     lm, tok = load_backbone(cfg.model.backbone)
     encoder = TextEncoder(_CpuEmbeddings(lm), tok, cfg.model.max_record_tokens)

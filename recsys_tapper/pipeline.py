@@ -97,6 +97,18 @@ def question_trainees(train: list[LampExample], chosen: list[str], n_users: int 
     return [u for u in chosen if u in have] or select_users(gold, n_users)
 
 
+def personal_splits(train: list[LampExample], test: list[LampExample], n_users: int | None, task) -> tuple:
+    """Who is personalized, and on what: (chosen test users, their test questions, the users Stage 2 trains
+    rows for, the questions whose profiles or golds give those users' Stage-2 targets)."""
+    chosen = select_users(test, n_users)
+    chosen_set = set(chosen)
+    test = [ex for ex in test if ex.user_id in chosen_set]
+    if task.input_template is not None:  # Stage 2 trains on the chosen users' own profile records
+        return chosen, test, chosen, personal_history(train, test)
+    trainees = question_trainees(train, chosen, n_users)  # LaMP-1/-7: on gold-labelled train questions
+    return chosen, test, trainees, [ex for ex in train if ex.user_id in set(trainees)]
+
+
 def personal_history(train: list[LampExample], test: list[LampExample]) -> list[LampExample]:
     """Questions whose profiles give each test user's Stage-2 targets: the user's train-split questions, or,
     for a user without any (user-based LaMP: test users are new), the user's test questions themselves:
@@ -206,15 +218,8 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     t_start = time.perf_counter()
     reports: list = []
     train, test = splits if splits is not None else load_splits(cfg, reports)
-    chosen = select_users(test, cfg.data.n_users)
+    chosen, test, trainees, train_chosen = personal_splits(train, test, cfg.data.n_users, task)
     chosen_set = set(chosen)
-    test = [ex for ex in test if ex.user_id in chosen_set]
-    if task.input_template is not None:  # Stage 2 trains on the chosen users' own profile records
-        trainees = chosen
-        train_chosen = personal_history(train, test)
-    else:  # LaMP-1/-7: on gold-labelled train questions
-        trainees = question_trainees(train, chosen, cfg.data.n_users)
-        train_chosen = [ex for ex in train if ex.user_id in set(trainees)]
 
     lm, tok = load_backbone(cfg.model.backbone)
     encoder = TextEncoder(lm, tok, cfg.model.max_record_tokens)
