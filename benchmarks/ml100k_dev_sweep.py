@@ -45,6 +45,8 @@ SETTINGS: dict[str, dict] = {
     "lr_user_3e-2_epochs_2": {"trainer": {"lr_user": 3e-2, "stage2": {"epochs": 2}}},
     "no_time": {"model": {"pooling": {"time_bias": False, "order_bias": False}}},
     "standardize_context": {"model": {"projector": {"standardize_context": True}}},
+    "epochs_2": {"trainer": {"stage2": {"epochs": 2}}},
+    "epochs_4": {"trainer": {"stage2": {"epochs": 4}}},
 }
 
 

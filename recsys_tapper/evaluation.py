@@ -39,6 +39,17 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
     return ids
 
 
+def _batches(model: TapperModel, fb: FeatureBuilder, samples: Sequence[Sample], batch_size: int, desc: str):
+    """Yield (samples, prompt-only batch, bank, record-term cache) in eval mode, with a progress bar."""
+    model.eval()
+    bank = fb.bank.vectors
+    # The scorer is frozen here: its per-record term is computed once for the whole bank.
+    record_terms = model.tower.pooling.scorer.record_term(bank) if model.personalized else None
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+        chunk = samples[i : i + batch_size]
+        yield chunk, fb.collate(chunk, with_labels=False), bank, record_terms
+
+
 @torch.no_grad()
 def predict_labels(
     model: TapperModel,
@@ -48,16 +59,10 @@ def predict_labels(
     batch_size: int = 32,
     desc: str = "predict",
 ) -> list[dict]:
-    model.eval()
     label_ids = label_token_ids(fb.tok, labels)
     values = torch.tensor([float(x) for x in labels]) if all(x.isdigit() for x in labels) else None
-    bank = fb.bank.vectors
-    # The scorer is frozen here: its per-record term is computed once for the whole bank.
-    record_terms = model.tower.pooling.scorer.record_term(bank) if model.personalized else None
     rows = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        chunk = samples[i : i + batch_size]
-        batch = fb.collate(chunk, with_labels=False)
+    for chunk, batch, bank, record_terms in _batches(model, fb, samples, batch_size, desc):
         probs = model.label_probs(batch, bank, label_ids, record_terms)  # (B, n_labels)
         for s, p, cold in zip(chunk, probs, batch.cold):
             row = {"id": s.id, "user": s.user, "gold": s.answer, "pred": labels[int(p.argmax())], "cold": cold}
@@ -87,13 +92,8 @@ def predict_texts(
     desc: str = "generate",
 ) -> list[dict]:
     """Greedy answers, decoded and stripped, one row per sample: ``{"id", "user", "gold", "pred", "cold"}``."""
-    model.eval()
-    bank = fb.bank.vectors
-    record_terms = model.tower.pooling.scorer.record_term(bank) if model.personalized else None
     rows = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        chunk = samples[i : i + batch_size]
-        batch = fb.collate(chunk, with_labels=False)
+    for chunk, batch, bank, record_terms in _batches(model, fb, samples, batch_size, desc):
         tokens = model.generate(batch, bank, max_new_tokens, fb.tok.eos_token_id, record_terms)
         for s, toks, cold in zip(chunk, tokens, batch.cold):
             pred = fb.tok.decode(toks, skip_special_tokens=True).strip()
