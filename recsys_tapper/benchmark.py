@@ -40,7 +40,7 @@ from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 
 LLM_METHODS = ["non_personalized", "tapper", "tapper_no_time", "tapper_pq_only", "tapper_pu_only",
-               "rag_recency_k4", "rag_bm25_k4", "oppu", "tapper_compressed"]
+               "rag_recency_k4", "rag_bm25_k4", "oppu", "tapper_compressed", "tapper_4_epochs"]
 CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
 METHOD_NAMES = CLASSICAL_METHODS + LLM_METHODS
 
@@ -72,6 +72,8 @@ ABLATIONS = {
     "tapper_pu_only": {"model": {"projector": {"use_history": False}}},
     "tapper_no_time": {"model": {"pooling": {"time_bias": False, "order_bias": False}}},
     "tapper_compressed": {"model": {"user_dim": 64}},  # r=64 rows + a shared up-projection to L*d
+    # the budget point: the same model trained 4 passes over the same Stage-2 targets (4x the steps)
+    "tapper_4_epochs": {"trainer": {"stage2": {"epochs": 4}}},
 }
 
 
