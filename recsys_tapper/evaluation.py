@@ -108,7 +108,7 @@ def task_report(task: Task, rows: Sequence[dict]) -> dict:
     if task.kind == RATING:
         return rating_report(rows)
     preds, golds = [r["pred"] for r in rows], [r["gold"] for r in rows]
-    rep = classification_metrics(preds, golds, task.labels) if task.kind == CLASSIFICATION else rouge_metrics(preds, golds)
-    if task.kind == CLASSIFICATION:
-        rep["out_of_label_set_frac"] = sum(p.strip() not in task.labels for p in preds) / max(1, len(preds))
-    return {**rep, "n": len(rows)}
+    if task.kind != CLASSIFICATION:
+        return {**rouge_metrics(preds, golds), "n": len(rows)}
+    out_of_set = sum(p.strip() not in task.labels for p in preds) / max(1, len(preds))
+    return {**classification_metrics(preds, golds, task.labels), "out_of_label_set_frac": out_of_set, "n": len(rows)}

@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from peft import get_peft_model_state_dict
 
+from embeddings.jagged import segment_ids, segment_sum
 from embeddings.pooling import TimeAwarePooling
 from embeddings.record_bank import RecordBank
 from embeddings.tower import UserTower
@@ -179,9 +180,7 @@ def mean_histories(bank: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
         raise ValueError("no sample has a visible history to fit the context standardizer on")
     lengths = torch.tensor([len(r) for r in rows])
     ids = torch.tensor([i for r in rows for i in r])
-    seg = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-    sums = torch.zeros(len(rows), bank.shape[1]).index_add_(0, seg, bank[ids])
-    return sums / lengths[:, None]
+    return segment_sum(bank[ids], segment_ids(lengths), len(rows)) / lengths[:, None]
 
 
 def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train: list[LampExample]):
