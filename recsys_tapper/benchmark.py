@@ -101,9 +101,12 @@ def _count(params) -> int:
 
 
 def _settings(cfg: BenchmarkConfig) -> dict:
-    return {"per_user": cfg.per_user, "stage1_examples": cfg.trainer.stage1_examples,
-            "epochs": cfg.trainer.stage2.epochs, "backbone": cfg.model.backbone.name_or_path,
-            "seed": cfg.trainer.seed}
+    """What every LLM row depends on: backbone, Stage 1, prompts and record encoding, the budget."""
+    m, t = cfg.model, cfg.trainer
+    return {"per_user": cfg.per_user, "stage1_examples": t.stage1_examples, "epochs": t.stage2.epochs,
+            "backbone": m.backbone.name_or_path, "seed": t.seed, "stage1": asdict(t.stage1),
+            "task_lora": asdict(m.task_lora), "max_prompt_tokens": m.max_prompt_tokens,
+            "max_record_tokens": m.max_record_tokens}
 
 
 def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
@@ -118,7 +121,8 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
     t, m = cfg.trainer, cfg.model
     return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
             "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
-            "slots": m.projector.slots, "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history}
+            "projector": asdict(m.projector), "pooling": asdict(m.pooling), "user_dim": m.user_dim,
+            "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history}
 
 
 def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
@@ -146,9 +150,10 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         result = old
     meta = run_meta(command)
     # every invocation that wrote to this table, in order; each row also records its own git_sha and date
-    runs = result.get("runs") or ([{k: result[k] for k in ("command", "git_sha", "date")}] if "command" in result else [])
-    result.update(meta, runs=[*runs, {k: meta[k] for k in ("command", "git_sha", "date")}], settings=settings, train_examples_per_user=cfg.per_user,
-                  epochs=cfg.trainer.stage2.epochs)
+    keys = ("command", "git_sha", "date")
+    runs = result.get("runs") or ([{k: result[k] for k in keys}] if "command" in result else [])
+    result.update(meta, runs=[*runs, {k: meta[k] for k in keys}], settings=settings,
+                  train_examples_per_user=cfg.per_user, epochs=cfg.trainer.stage2.epochs)
 
     def save() -> None:
         result["complete"] = all(m in result["methods"] for m in CLASSICAL_METHODS + LLM_METHODS)

@@ -65,3 +65,16 @@ def test_a_table_of_other_settings_is_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match="holds a run with settings"):
         benchmark(cfg)
     assert json.loads((tmp_path / "ml100k.json").read_text()) == table
+
+
+def test_model_and_prompt_settings_decide_reuse_too():
+    from recsys_tapper.benchmark import _settings
+
+    cfg, other = _cfg(), _cfg()
+    other.model.projector.standardize_context = True
+    other.model.pooling.interaction_rank = 32
+    assert method_settings(cfg, "tapper") != method_settings(other, "tapper")
+    assert method_settings(cfg, "rag_bm25_k4") == method_settings(other, "rag_bm25_k4")
+    longer = _cfg()
+    longer.model.max_prompt_tokens = 128
+    assert _settings(cfg) != _settings(longer)  # every LLM row depends on the prompt budget
