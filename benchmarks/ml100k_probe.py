@@ -28,7 +28,7 @@ from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
-from recsys_tapper.pipeline import load_splits, select_users
+from recsys_tapper.pipeline import load_splits, mean_histories, select_users
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -36,8 +36,9 @@ from recsys_tapper.users import UserIndex
 
 def features(fb: FeatureBuilder, examples) -> tuple[torch.Tensor, torch.Tensor]:
     samples = fb.question_samples(examples)
-    bank = fb.bank.vectors
-    c = torch.stack([bank[s.history_rows].mean(0) for s in samples])  # (N, d)
+    c = mean_histories(fb.bank.vectors, samples)  # (N, d); every MovieLens question has a history
+    if len(c) != len(samples):
+        raise ValueError(f"{len(samples) - len(c)} questions have no visible history")
     q = fb.encoder.encode([s.question for s in samples])  # (N, d)
     y = torch.tensor([int(s.answer) - 1 for s in samples])
     return torch.cat([c, q], 1), y
