@@ -70,9 +70,24 @@ class BackboneShape:
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> BackboneShape:
+        """A Hugging Face model directory, or a saved TAP-PER model directory (its backbone's shapes)."""
+        import json
+
         from transformers import AutoConfig
 
-        return cls.from_config(AutoConfig.from_pretrained(str(Path(path).expanduser())))
+        from llm_bridge.backbone import TINY, resolve_path
+
+        path = Path(path).expanduser()
+        conf = path / "config.json"
+        saved = json.loads(conf.read_text()) if (path / "manifest.json").exists() and conf.exists() else {}
+        if isinstance(saved.get("model"), dict):  # runs/<out>/model: follow its backbone
+            name = saved["model"]["backbone"]["name_or_path"]
+            if name == TINY:  # built in code, no directory
+                from llm_bridge.tiny import tiny_llama
+
+                return cls.from_config(tiny_llama()[0].config)
+            path = resolve_path(name)
+        return cls.from_config(AutoConfig.from_pretrained(str(path)))
 
     def proj_dims(self, name: str) -> tuple[int, int]:
         """(d_in, d_out) of an attention projection."""
@@ -148,7 +163,8 @@ def format_table(table: dict, shape: BackboneShape, users: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m recsys_tapper.params", description=__doc__.split("\n")[0])
-    ap.add_argument("--model-dir", help="a Hugging Face model directory; its config.json gives the shapes")
+    ap.add_argument("--model-dir", help="a Hugging Face model directory (its config.json gives the shapes) or a "
+                    "saved TAP-PER model directory such as runs/demo/model (its backbone's)")
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--heads", type=int)

@@ -103,3 +103,11 @@ def test_python_dash_m_entry_point():
            "--heads", "9", "--users", "1000"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "460,800,000" in out and "tapper_full" in out and "9,055,875" in out
+
+
+def test_shapes_from_a_saved_tapper_model_dir(model_dir):
+    """A saved TAP-PER model directory gives its backbone's shapes (here the tiny random Llama)."""
+    from llm_bridge.tiny import tiny_llama
+    from recsys_tapper.params import BackboneShape
+
+    assert BackboneShape.from_model_dir(model_dir) == BackboneShape.from_config(tiny_llama()[0].config)
