@@ -64,7 +64,7 @@ def main() -> None:
     index = UserIndex(users)
     fb = FeatureBuilder(tok, TextEncoder(lm, tok), task, RecordBank(lm.config.hidden_size), index)
     fb.register(questions)
-    model = build_tapper(cfg, lm, len(index)).eval()
+    model = build_tapper(cfg.model, lm, len(index)).eval()
     with torch.no_grad():
         record_terms = model.tower.pooling.scorer.record_term(fb.bank.vectors)
     emb = lm.get_input_embeddings()

@@ -79,7 +79,7 @@ def main() -> None:
     oppu_lm.add_adapter("bridge", oppu_lm.peft_config["default"].__class__(
         r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         task_type="CAUSAL_LM"))
-    tap = build_tapper(cfg, oppu_lm, len(index))
+    tap = build_tapper(cfg.model, oppu_lm, len(index))
     tap.train()
     oppu_model.train()
 

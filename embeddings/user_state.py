@@ -40,28 +40,33 @@ class UserStateConfig:
     init_std: float = 0.02
 
 
-def user_kjt(user_rows: list[int | None]) -> KeyedJaggedTensor:
-    """Build the ``user_id`` KJT; ``None`` marks a user without a row (cold start)."""
+def user_kjt(user_rows: list[int | None], key: str = USER_ID) -> KeyedJaggedTensor:
+    """Build the ``user_id`` KJT (or another one-id feature, e.g. ``item_id``); ``None`` marks an id without a
+    row (cold start)."""
     ids = [u for u in user_rows if u is not None]
     lengths = [0 if u is None else 1 for u in user_rows]
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=[USER_ID],
+        keys=[key],
         values=torch.tensor(ids, dtype=torch.long),
         lengths=torch.tensor(lengths, dtype=torch.int32),
     )
 
 
 class UserStateTable(nn.Module):
-    def __init__(self, cfg: UserStateConfig, device: torch.device | None = None) -> None:
+    """``feature``/``table`` name the KJT key and the TorchRec table: ``item_id``/``item_state`` for the item
+    table of the recsys warm start (same module, keyed by the query's item)."""
+
+    def __init__(self, cfg: UserStateConfig, device: torch.device | None = None, feature: str = USER_ID,
+                 table: str = TABLE) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.feature, self.table_name = cfg, feature, table
         self.ebc = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
-                    name=TABLE,
+                    name=table,
                     embedding_dim=cfg.dim,
                     num_embeddings=cfg.num_users,
-                    feature_names=[USER_ID],
+                    feature_names=[feature],
                     pooling=PoolingType.SUM,
                     init_fn=partial(nn.init.normal_, mean=0.0, std=cfg.init_std),
                 )
@@ -72,7 +77,7 @@ class UserStateTable(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The (num_users, dim) table (unsharded module only)."""
-        return self.ebc.embedding_bags[TABLE].weight
+        return self.ebc.embedding_bags[self.table_name].weight
 
     def forward(self, users: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(users)[USER_ID]  # (B, dim)
+        return self.ebc(users)[self.feature]  # (B, dim)

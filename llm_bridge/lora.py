@@ -23,10 +23,17 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-def add_lora(model, spec: LoraSpec):
+def add_lora(model, spec: LoraSpec, first_layer: int = 0):
+    """Wrap ``model`` with a LoRA on ``spec.target_modules``; with ``first_layer`` = k > 0 only decoder layers
+    k..N-1 get one (the bridge LoRA of a late prefix: the cached layers below k stay frozen and plain)."""
+    layers = None
+    if first_layer > 0:
+        n = model.config.num_hidden_layers
+        layers = list(range(first_layer, n))
     cfg = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=layers, layers_pattern="layers" if layers else None,
     )
     return get_peft_model(model, cfg)
 

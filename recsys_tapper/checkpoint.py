@@ -37,6 +37,7 @@ from llm_bridge.backbone import fingerprint, load_backbone
 from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import LampExample, ProfileRecord
+from recsys_tapper.errors import InputError
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.model import TapperModel
 from recsys_tapper.users import UserIndex
@@ -46,10 +47,11 @@ HISTORY_SCHEMA = pa.schema([("user_id", pa.string()), ("record_id", pa.string())
                             ("date", pa.float64())])
 FILES = ("histories.parquet", "task_lora.safetensors", "bridge_lora.safetensors", "tower.safetensors", "projector.safetensors",
          "bank.safetensors", "bank_keys.json", "users.json", "config.json")
+ITEM_FILES = ("items.safetensors", "items.json")  # only for a model with an item table
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(InputError, RuntimeError):
+    """A model directory that is missing, damaged or not ours; the message names the file."""
 
 
 def sha256_file(path: Path) -> str:
@@ -82,6 +84,11 @@ def save_model(
     _save_tensors(out / "bridge_lora.safetensors", get_peft_model_state_dict(model.lm))
     _save_tensors(out / "tower.safetensors", model.tower.state_dict())
     _save_tensors(out / "projector.safetensors", model.projector.state_dict())
+    files = FILES
+    if model.items is not None:  # the item table and its up-projection, with the item ids in row order
+        _save_tensors(out / "items.safetensors", model.items.state_dict())
+        atomic_write_text(out / "items.json", json.dumps(model.item_index.ids))
+        files = FILES + ITEM_FILES
     _save_tensors(out / "bank.safetensors", {"vectors": bank.vectors})
     atomic_write_text(out / "bank_keys.json", json.dumps(bank.keys))
     atomic_write_text(out / "users.json", json.dumps(users.ids))
@@ -90,7 +97,7 @@ def save_model(
         "schema_version": SCHEMA_VERSION,
         "backbone": cfg.model.backbone.name_or_path,
         "backbone_fingerprint": fingerprint(model.lm.get_base_model()),
-        "files": {name: sha256_file(out / name) for name in FILES},
+        "files": {name: sha256_file(out / name) for name in files},
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return out
@@ -143,7 +150,7 @@ def verify(path: str | Path) -> dict:
 
 def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
     """Rebuild ``(model, users, bank, cfg)`` from a model directory saved by ``save_model``."""
-    from recsys_tapper.pipeline import build_tapper  # late: pipeline imports this module
+    from recsys_tapper.build import build_tapper, build_trunk
 
     path = Path(path)
     manifest = verify(path)
@@ -157,12 +164,18 @@ def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
             f"is {fp}; pass allow_fingerprint_mismatch=True to load anyway"
         )
     lm = add_lora(lm, cfg.model.task_lora)
-    set_peft_model_state_dict(lm, load_file(path / "task_lora.safetensors"))
+    task_lora = load_file(path / "task_lora.safetensors")
+    set_peft_model_state_dict(lm, task_lora)
     lm = merge_lora(lm)
-    lm = add_lora(lm, cfg.model.bridge_lora)
+    trunk = build_trunk(cfg.model, lm, task_lora)
+    lm = add_lora(lm, cfg.model.bridge_lora, first_layer=cfg.model.prefix_layer)
     set_peft_model_state_dict(lm, load_file(path / "bridge_lora.safetensors"))
     users = UserIndex(json.loads((path / "users.json").read_text()))
-    model = build_tapper(cfg, lm, len(users))
+    items = UserIndex(json.loads((path / "items.json").read_text())) if (path / "items.json").exists() else None
+    model = build_tapper(cfg.model, lm, len(users), len(items or ()), trunk)
+    if model.items is not None:
+        model.items.load_state_dict(load_file(path / "items.safetensors"))
+        model.item_index = items
     model.tower.load_state_dict(load_file(path / "tower.safetensors"))
     model.projector.load_state_dict(load_file(path / "projector.safetensors"))
     bank = RecordBank(lm.config.hidden_size)
@@ -209,6 +222,6 @@ def rewrite_model_files(path: str | Path, updates: dict[str, bytes]) -> dict:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    manifest = {**manifest, "files": {name: sha256_file(path / name) for name in FILES}}
+    manifest = {**manifest, "files": {name: sha256_file(path / name) for name in manifest["files"]}}
     atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

@@ -23,6 +23,14 @@ class ModelConfig:
     backbone: which LM (d, layers, heads are read from it, never configured).
     user_dim: width of a user's row; None = L*d (the paper's full P_u), r < L*d = compressed + shared up-projection.
     max_history: keep only the k most recent records (None = all, the paper's default).
+    prefix_layer: k, the decoder layer whose input the prefix enters (0 = the paper's input-level prefix). With
+        k > 0 the frozen layers below k run once per distinct prompt (``llm_bridge.trunk.TrunkCache``) and the
+        bridge LoRA sits on layers >= k only.
+    trunk_dtype / trunk_max_bytes: storage of the cached trunk states (past the bound they spill to disk).
+    item_dim: width of an item-table row keyed by the query's item id (None = no item table; tasks whose
+        questions name no item, such as LaMP, have none); ``item_slots`` prefix slots come from it.
+    warm_start: ``mf`` initialises user rows (and item rows) as ``[p_u, b_u]`` (``[q_i, b_i]``) of a biased MF
+        fitted on the Stage-2 training ratings only; user_dim and item_dim are then ``warm_start_rank + 1``.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -35,6 +43,13 @@ class ModelConfig:
     max_record_tokens: int = 128
     max_prompt_tokens: int = 96
     max_history: int | None = None
+    prefix_layer: int = 0
+    trunk_dtype: str = "float32"
+    trunk_max_bytes: int = 2 << 30
+    item_dim: int | None = None
+    item_slots: int = 1
+    warm_start: str | None = None
+    warm_start_rank: int = 32
 
 
 @dataclass

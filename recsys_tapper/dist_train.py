@@ -80,6 +80,7 @@ from recsys_tapper.evaluation import predict_labels, rating_report
 from recsys_tapper.features import Batch, FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.model import TapperModel
+from recsys_tapper.build import build_trunk
 from recsys_tapper.pipeline import (
     build_tapper,
     load_splits,
@@ -495,8 +496,12 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
 
     # Stage 2: the tower goes into DMP; everything else is replicated.
     seed_everything(cfg.trainer.seed + 1)
-    lm = add_lora(lm, cfg.model.bridge_lora)
-    model = build_tapper(cfg, lm, len(users))
+    if cfg.model.item_dim is not None or cfg.model.warm_start is not None:
+        raise ValueError("model.item_dim and model.warm_start run single-process only for now (tapper demo / "
+                         "tapper benchmark); the torchrun trainer shards the user table alone")
+    trunk = build_trunk(cfg.model, lm, task_lora_state)
+    lm = add_lora(lm, cfg.model.bridge_lora, first_layer=cfg.model.prefix_layer)
+    model = build_tapper(cfg.model, lm, len(users), trunk=trunk)
     model.projector.to(ctx.device)
     model.tower.pooling.to(ctx.device)
     table_lr = cfg.dist.table_lr if cfg.dist.table_lr is not None else cfg.trainer.lr_user

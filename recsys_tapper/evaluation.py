@@ -68,17 +68,37 @@ def predict_labels(
             row = {"id": s.id, "user": s.user, "gold": s.answer, "pred": labels[int(p.argmax())], "cold": cold}
             if values is not None:
                 row["expected"] = float(p @ values)
+                row["median"] = labels[median_index(p)]
             rows.append(row)
     return rows
 
 
-def rating_report(rows: Sequence[dict]) -> dict:
+def median_index(p: torch.Tensor) -> int:
+    """Index of the median of a distribution over ordered labels: the first label whose CDF reaches 1/2
+    (the MAE-optimal answer)."""
+    return int((torch.cumsum(p, 0) >= 0.5).nonzero()[0])
+
+
+READOUTS = ("argmax", "median", "expected")
+
+
+def rating_report(rows: Sequence[dict], readout: str = "argmax") -> dict:
+    """MAE/RMSE of each readout of the label distribution: ``argmax`` (the answer), ``median`` (MAE-optimal)
+    and ``expected`` (the mean, real-valued); ``mae``/``rmse`` are those of ``readout``, named in the report."""
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; use one of {READOUTS}")
     golds = [r["gold"] for r in rows]
     rep = rating_metrics([r["pred"] for r in rows], golds)
+    rep.update(mae_argmax=rep["mae"], rmse_argmax=rep["rmse"])
+    if rows and "median" in rows[0]:
+        med = rating_metrics([r["median"] for r in rows], golds)
+        rep.update(mae_median=med["mae"], rmse_median=med["rmse"])
     if rows and "expected" in rows[0]:
         num = rating_metrics_numeric([r["expected"] for r in rows], [float(g) for g in golds])
         rep.update(mae_expected=num["mae"], rmse_expected=num["rmse"])
-    rep["n"] = len(rows)
+    if f"mae_{readout}" not in rep:
+        raise ValueError(f"readout {readout!r} needs '{readout}' in the prediction rows")
+    rep.update(mae=rep[f"mae_{readout}"], rmse=rep[f"rmse_{readout}"], readout=readout, n=len(rows))
     return rep
 
 

@@ -24,6 +24,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embeddings.history import history_kjt
 from embeddings.record_bank import RecordBank
 from embeddings.user_state import user_kjt
+
+ITEM_ID = "item_id"
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.inject import IGNORE
 from recsys_tapper.data import LampExample
@@ -40,6 +42,7 @@ class Sample:
     query_day: float | None
     question: str
     answer: str | None
+    item: str | None = None  # the query's item id (MovieLens movie), for the optional item table
 
 
 @dataclass
@@ -54,10 +57,26 @@ class Batch:
     last_prompt: torch.Tensor  # (B,) index of the last prompt token
     answers: list[str | None]
     cold: list[bool]  # user had no trained row
+    items: KeyedJaggedTensor | None = None  # ``item_id`` KJT when the builder has an item index
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor (and KJT) on ``device``, as TorchRec's ``Batch.to``."""
+        def mv(x):
+            return None if x is None else x.to(device=device, non_blocking=non_blocking)
+
+        return Batch(self.ids, mv(self.users), mv(self.history), mv(self.q), mv(self.input_ids),
+                     mv(self.attention_mask), mv(self.labels), mv(self.last_prompt), self.answers, self.cold,
+                     mv(self.items))
 
 
 def record_key(user: str, record_id: str) -> str:
     return f"{user}/{record_id}"
+
+
+def record_item(user: str, record_id: str) -> str:
+    """The item of a profile record: its id without the ``f"{user}_"`` prefix (MovieLens ids are
+    ``f"{user}_{item}"``; the whole id otherwise)."""
+    return record_id.removeprefix(f"{user}_")
 
 
 class FeatureBuilder:
@@ -70,8 +89,10 @@ class FeatureBuilder:
         users: UserIndex,
         max_prompt_tokens: int = 96,
         max_history: int | None = None,
+        items: UserIndex | None = None,
     ) -> None:
         self.tok, self.encoder, self.task, self.bank, self.users = tokenizer, encoder, task, bank, users
+        self.items = items  # item id -> item-table row (None: no item table)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_history = max_history
         self.eos = tokenizer.eos_token_id
@@ -106,7 +127,7 @@ class FeatureBuilder:
         out = []
         for ex in examples:
             rows, days = self._history(ex)
-            out.append(Sample(ex.id, ex.user_id, rows, days, ex.date, ex.input, ex.output))
+            out.append(Sample(ex.id, ex.user_id, rows, days, ex.date, ex.input, ex.output, ex.extras.get("item_id")))
         return out
 
     def profile_samples(
@@ -130,7 +151,8 @@ class FeatureBuilder:
                 rec = ex.profile[i]
                 question, answer = self.task.record_example(rec.fields)
                 rows, days = self._history(ex, upto=i)
-                out.append(Sample(f"{ex.user_id}/{rec.id}", ex.user_id, rows, days, rec.date, question, answer))
+                out.append(Sample(f"{ex.user_id}/{rec.id}", ex.user_id, rows, days, rec.date, question, answer,
+                                  record_item(ex.user_id, rec.id)))
         random.Random(seed).shuffle(out)
         return out
 
@@ -163,7 +185,8 @@ class FeatureBuilder:
         ids = self.tok(question, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
         return ids + self.suffix_ids
 
-    def collate(self, samples: Sequence[Sample], with_labels: bool = True) -> Batch:
+    def token_rows(self, samples: Sequence[Sample], with_labels: bool = True) -> list[list[int]]:
+        """Each sample's prompt ids (+ answer ids, + EOS for non-rating tasks, when ``with_labels``)."""
         rows: list[list[int]] = []
         for s in samples:
             p = self._prompt_ids(s.question)
@@ -171,6 +194,15 @@ class FeatureBuilder:
             if with_labels and self.append_eos:
                 a = a + [self.eos]
             rows.append(p + a)
+        return rows
+
+    def trunk_rows(self, samples: Sequence[Sample], with_labels: bool = True) -> list[list[int]]:
+        """The token sequences a late-prefix model runs through its cached trunk for these samples: the
+        collated row without its last token when it carries labels (that token is only ever a target)."""
+        return [r[:-1] if with_labels else r for r in self.token_rows(samples, with_labels)]
+
+    def collate(self, samples: Sequence[Sample], with_labels: bool = True) -> Batch:
+        rows = self.token_rows(samples, with_labels)
         n_prompt = [len(self._prompt_ids(s.question)) for s in samples]
         t = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), t), self.tok.pad_token_id, dtype=torch.long)
@@ -194,4 +226,6 @@ class FeatureBuilder:
             last_prompt=torch.tensor(n_prompt) - 1,
             answers=[s.answer for s in samples],
             cold=[r is None for r in user_rows],
+            items=None if self.items is None else user_kjt(
+                [None if s.item is None else self.items.row(s.item) for s in samples], key=ITEM_ID),
         )

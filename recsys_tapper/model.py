@@ -2,10 +2,14 @@
 
     users KJT, history KJT, q ──► UserTower ──► (P_u row, pooled context c)
                                      BridgeProjector ──► prefix P = P_u + P_q   (B, L, d)
-    prompt tokens ──► embed ──► [P | tokens] ──► LM (+ bridge LoRA) ──► logits
+    items KJT (optional) ──► ItemSlots ──► P_i (B, L_i, d), appended: P = [P_u + P_q | P_i]
+    prompt tokens ──► embed ──► [P | tokens] ──► LM (+ bridge LoRA) ──► logits           prefix_layer k = 0
+    prompt tokens ──► cached layers[0:k] ──► [P | states] ──► layers[k:] ──► logits     prefix_layer k > 0
 
 Built from already-made parts (compose, don't inherit). ``personalize=False`` runs the LM alone: that is
-the non-personalized baseline on the same backbone.
+the non-personalized baseline on the same backbone. With ``prefix_layer`` k > 0 the prefix enters at decoder
+layer k and the states below it come from a :class:`llm_bridge.trunk.TrunkCache` (the paper's input-level
+prefix is k = 0).
 
 Example::
 
@@ -21,27 +25,54 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from embeddings.tower import UserTower
+from embeddings.user_state import UserStateTable
 from llm_bridge.generation import greedy_generate, left_pad
-from llm_bridge.inject import prepend_prefix
+from llm_bridge.inject import IGNORE, prepend_prefix
 from llm_bridge.projector import BridgeProjector
+from llm_bridge.trunk import TrunkCache, decoder, right_pad, run_layers
 from recsys_tapper.features import Batch
 
 
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor  # (B, L+T, V)
+    logits: torch.Tensor | None  # (B, L+T, V); None on the late path (only the answer positions are read)
     prefix_len: int
 
 
+class ItemSlots(nn.Module):
+    """An item table (TorchRec, keyed by the query's item id) and its up-projection to ``slots`` prefix slots.
+
+    rows (B, r) ──► Linear(r → slots·d) ──► (B, slots, d); an item without a row pools to 0 and gets the bias."""
+
+    def __init__(self, table: UserStateTable, slots: int, d: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.table, self.slots, self.d = table, slots, d
+        self.up = nn.Linear(table.cfg.dim, slots * d)
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.normal_(self.up.bias, std=init_std)
+
+    def forward(self, items) -> torch.Tensor:
+        rows = self.table(items)  # (B, r)
+        return self.up(rows).view(rows.shape[0], self.slots, self.d)  # (B, slots, d)
+
+
 class TapperModel(nn.Module):
-    def __init__(self, lm: nn.Module, tower: UserTower | None, projector: BridgeProjector | None) -> None:
+    def __init__(self, lm: nn.Module, tower: UserTower | None, projector: BridgeProjector | None,
+                 prefix_layer: int = 0, trunk: TrunkCache | None = None, items: ItemSlots | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.tower = tower
         self.projector = projector
+        self.items = items
+        self.item_index = None  # item id -> item-table row (a UserIndex), set with the item table
+        self.prefix_layer = prefix_layer
+        self.trunk = trunk  # not a module: a cache over the frozen lower layers
+        if prefix_layer > 0 and trunk is not None and trunk.k != prefix_layer:
+            raise ValueError(f"trunk cache is for layer {trunk.k}, the model's prefix enters at {prefix_layer}")
 
     @property
     def personalized(self) -> bool:
@@ -49,21 +80,66 @@ class TapperModel(nn.Module):
 
     def prefix(self, batch: Batch, bank: torch.Tensor, record_terms: torch.Tensor | None = None) -> torch.Tensor:
         user_state, context, _ = self.tower(batch.users, batch.history, batch.q, bank, record_terms)
-        return self.projector(user_state, context)  # (B, L, d)
+        prefix = self.projector(user_state, context)  # (B, L, d)
+        if self.items is not None:
+            if batch.items is None:
+                raise ValueError("the model has an item table but the batch carries no item ids")
+            prefix = torch.cat([prefix, self.items(batch.items)], dim=1)  # (B, L+L_i, d)
+        return prefix
 
     def forward(self, batch: Batch, bank: torch.Tensor | None = None, record_terms=None) -> ModelOutput:
-        embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
         prefix = self.prefix(batch, bank, record_terms) if self.personalized else None
+        if self.prefix_layer > 0:
+            return self._late_forward(batch, prefix)
+        embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
         embeds, mask, labels = prepend_prefix(embeds, batch.attention_mask, batch.labels, prefix)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         return ModelOutput(out.loss, out.logits, 0 if prefix is None else prefix.shape[1])
+
+    # ------------------------------------------------------------------------------------- late prefix
+
+    def _trunk_states(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        if self.trunk is None:
+            raise ValueError(f"prefix_layer={self.prefix_layer} needs a TrunkCache (model.trunk)")
+        return self.trunk.states(rows)
+
+    def _upper(self, batch: Batch, prefix: torch.Tensor | None, with_labels: bool) -> tuple[torch.Tensor, int]:
+        """Final-normed hidden states (B, L+T', d) of [P | cached states] through layers k..N-1.
+
+        With labels the last token of each row is dropped from the input: it is only ever a target."""
+        lens = batch.attention_mask.sum(1).tolist()
+        n = [x - 1 if with_labels else x for x in lens]
+        rows = [batch.input_ids[i, : n[i]].tolist() for i in range(len(n))]
+        states, mask = right_pad(self._trunk_states(rows))  # (B, T', d), (B, T')
+        n_slots = 0
+        if prefix is not None:
+            n_slots = prefix.shape[1]
+            states = torch.cat([prefix.to(states.dtype), states], dim=1)  # (B, L+T', d)
+            mask = torch.cat([torch.ones(len(n), n_slots, dtype=mask.dtype), mask], dim=1)
+        return run_layers(self.lm, states, mask, start=self.prefix_layer), n_slots
+
+    def _late_forward(self, batch: Batch, prefix: torch.Tensor | None) -> ModelOutput:
+        if batch.labels is None:
+            raise ValueError("the late-prefix forward reads answer positions from labels; use label_probs or "
+                             "generate for prompts without answers")
+        h, n_slots = self._upper(batch, prefix, with_labels=True)  # (B, L+T', d)
+        t = h.shape[1] - n_slots
+        targets = batch.labels[:, 1 : 1 + t]  # token j's state predicts token j+1
+        sel = targets != IGNORE  # (B, T')
+        _, lm_head = decoder(self.lm)
+        logits = lm_head(h[:, n_slots:][sel])  # (n_answer_tokens, V): only where a label is read
+        return ModelOutput(F.cross_entropy(logits.float(), targets[sel]), None, n_slots)
+
+    # ---------------------------------------------------------------------------------------- readouts
 
     @torch.no_grad()
     def generate(self, batch: Batch, bank: torch.Tensor | None, max_new_tokens: int, eos_token_id: int,
                  record_terms=None) -> list[list[int]]:
         """Greedy answers (token ids, EOS dropped) to the batch's prompts, each led by its user's prefix."""
-        embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
         prefix = self.prefix(batch, bank, record_terms) if self.personalized else None  # (B, L, d)
+        if self.prefix_layer > 0:
+            return self._late_generate(batch, prefix, max_new_tokens, eos_token_id)
+        embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
         rows = []
         for i, last in enumerate(batch.last_prompt.tolist()):
             prompt = embeds[i, : last + 1]
@@ -71,9 +147,44 @@ class TapperModel(nn.Module):
         padded, mask = left_pad(rows)
         return greedy_generate(self.lm, padded, mask, max_new_tokens, eos_token_id).tokens
 
+    def _late_generate(self, batch: Batch, prefix, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
+        """Greedy decoding on the late path: each step runs the upper layers over [P | states of the text so
+        far] (no KV cache: answers are short; new tokens' lower states are computed, the prompt's cached)."""
+        seqs = [batch.input_ids[i, : last + 1].tolist() for i, last in enumerate(batch.last_prompt.tolist())]
+        out: list[list[int]] = [[] for _ in seqs]
+        done = [False] * len(seqs)
+        _, lm_head = decoder(self.lm)
+        n_slots = 0 if prefix is None else prefix.shape[1]
+        for _ in range(max_new_tokens):
+            states, mask = right_pad(self._trunk_states([s + o for s, o in zip(seqs, out)]))
+            if prefix is not None:
+                states = torch.cat([prefix.to(states.dtype), states], dim=1)
+                mask = torch.cat([torch.ones(len(seqs), n_slots, dtype=mask.dtype), mask], dim=1)
+            h = run_layers(self.lm, states, mask, start=self.prefix_layer)  # (B, L+T, d)
+            last = mask.sum(1) - 1
+            nxt = lm_head(h[torch.arange(len(seqs)), last]).argmax(-1).tolist()
+            for i, tok in enumerate(nxt):
+                if not done[i]:
+                    if tok == eos_token_id:
+                        done[i] = True
+                    else:
+                        out[i].append(tok)
+            if all(done):
+                break
+        return out
+
     @torch.no_grad()
     def label_probs(self, batch: Batch, bank: torch.Tensor | None, label_ids: list[int], record_terms=None):
         """Next-token distribution over ``label_ids`` at the answer position -> (B, n_labels)."""
+        if self.prefix_layer > 0:
+            prefix = self.prefix(batch, bank, record_terms) if self.personalized else None
+            h, n_slots = self._upper(batch, prefix, with_labels=False)  # (B, L+T, d)
+            pos = batch.last_prompt + n_slots  # (B,)
+            _, lm_head = decoder(self.lm)
+            logits = h[torch.arange(len(pos)), pos] @ lm_head.weight[label_ids].T  # (B, n_labels)
+            if lm_head.bias is not None:
+                logits = logits + lm_head.bias[label_ids]
+            return torch.softmax(logits.float(), dim=-1)
         out = self.forward(batch, bank, record_terms)
         pos = batch.last_prompt + out.prefix_len  # (B,)
         logits = out.logits[torch.arange(len(pos)), pos][:, label_ids]  # (B, n_labels)

@@ -16,28 +16,28 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from omegaconf import OmegaConf
 from peft import get_peft_model_state_dict
 
 from embeddings.jagged import segment_ids, segment_sum
-from embeddings.pooling import TimeAwarePooling
 from embeddings.record_bank import RecordBank
-from embeddings.tower import UserTower
-from embeddings.user_state import UserStateConfig, UserStateTable
 from llm_bridge.backbone import load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
-from llm_bridge.projector import BridgeProjector
 from recsys_tapper.checkpoint import save_model
+from recsys_tapper.build import build_tapper, build_trunk
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp, write_predictions
 from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.model import TapperModel
+from llm_bridge.trunk import TrunkCache
 from recsys_tapper.tasks import RATING, get_task
 from recsys_tapper.training import train_loop
 from recsys_tapper.users import UserIndex
+from recsys_tapper.warm_start import fit_mf, init_rows, item_index
 
 
 def seed_everything(seed: int) -> None:
@@ -140,13 +140,15 @@ def stage1_samples(fb: FeatureBuilder, train: list[LampExample], users: set[str]
     return out
 
 
-def build_tapper(cfg: RunConfig, lm, n_users: int) -> TapperModel:
-    d = lm.config.hidden_size  # derived, never configured
-    full = cfg.model.projector.slots * d
-    user_dim = cfg.model.user_dim or full
-    table = UserStateTable(UserStateConfig(num_users=n_users, dim=user_dim, init_std=cfg.model.user_init_std))
-    tower = UserTower(table, TimeAwarePooling(cfg.model.pooling, d))
-    return TapperModel(lm, tower, BridgeProjector(cfg.model.projector, d, user_dim))
+def prefill_trunk(trunk: TrunkCache | None, fb: FeatureBuilder, samples: list[Sample], with_labels: bool,
+                  desc: str = "trunk cache") -> None:
+    """Compute the cached states of every distinct sequence ``samples`` will run (batched, progress bar)."""
+    if trunk is None:
+        return
+    rows = list(dict.fromkeys(tuple(r) for r in fb.trunk_rows(samples, with_labels)))
+    step = 256
+    for i in tqdm(range(0, len(rows), step), desc=f"{desc} (layers 0..{trunk.k - 1})", leave=False):
+        trunk.states(rows[i : i + step])
 
 
 def evaluate(model, fb, samples, task, batch_size, desc, max_new_tokens: int = 32) -> tuple[dict, list[dict], float]:
@@ -183,25 +185,39 @@ def mean_histories(bank: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
     return segment_sum(bank[ids], segment_ids(lengths), len(rows)) / lengths[:, None]
 
 
-def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train: list[LampExample]):
-    """Stage 2: P_u rows, scorer, lambdas, projection and a fresh bridge LoRA on the users' own histories.
+def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train: list[LampExample],
+                 trunk: TrunkCache | None = None):
+    """Stage 2: P_u rows, scorer, lambdas, projection and a fresh bridge LoRA on the users' own histories
+    (plus the item table when ``model.item_dim`` is set; rows warm-started from MF with ``model.warm_start``).
 
     Returns (model, samples, per-step losses, seconds). ``lm`` gains the bridge LoRA layers (peft); call
     ``model.lm.unload()`` to get the plain backbone back."""
     t0 = time.perf_counter()
+    m = cfg.model
     seed_everything(cfg.trainer.seed + 1)
-    plm = add_lora(lm, cfg.model.bridge_lora)
-    model = build_tapper(cfg, plm, len(users))
+    plm = add_lora(lm, m.bridge_lora, first_layer=m.prefix_layer)
     s2 = fb.stage2_samples(train, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
     if not s2:
         raise ValueError("Stage 2 has no training examples: no personalized user has a profile record after "
                          "their first (or, for tasks without labelled records, a gold-labelled train question)")
-    if cfg.model.projector.standardize_context:
+    if m.item_dim is not None:
+        fb.items = item_index(s2)
+    model = build_tapper(m, plm, len(users), len(fb.items or ()) if m.item_dim is not None else 0, trunk)
+    model.item_index = fb.items if m.item_dim is not None else None
+    if m.warm_start == "mf":
+        mf = fit_mf(train, m.warm_start_rank, cfg.trainer.seed, fb.task.output_field or "score")
+        init_rows(model.tower.table.weight, users, mf.users, mf.P, mf.bu)
+        if model.items is not None:
+            init_rows(model.items.table.weight, fb.items, mf.items, mf.Q, mf.bi)
+    if m.projector.standardize_context:
         model.projector.fit_context(mean_histories(fb.bank.vectors, s2))
+    prefill_trunk(trunk, fb, s2, with_labels=True)
+    rows = list(model.tower.table.parameters()) + (list(model.items.table.parameters()) if model.items else [])
+    dense = list(model.tower.pooling.parameters()) + list(model.projector.parameters())
+    dense += list(model.items.up.parameters()) if model.items else []
     groups = [
-        {"params": list(model.tower.table.parameters()), "lr": cfg.trainer.lr_user, "weight_decay": cfg.trainer.wd_user},
-        {"params": list(model.tower.pooling.parameters()) + list(model.projector.parameters()),
-         "lr": cfg.trainer.lr_dense},
+        {"params": rows, "lr": cfg.trainer.lr_user, "weight_decay": cfg.trainer.wd_user},
+        {"params": dense, "lr": cfg.trainer.lr_dense},
         {"params": lora_parameters(plm), "lr": cfg.trainer.lr_bridge},
     ]
     losses = train_loop(model, s2, fb, groups, cfg.trainer.stage2, desc="stage 2 (personalization)")
@@ -233,7 +249,9 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     new_tokens = cfg.trainer.eval_max_new_tokens
     np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
                                           "eval non-personalized", new_tokens)
-    model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen)
+    trunk = build_trunk(cfg.model, lm, task_lora_state)
+    model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen, trunk)
+    prefill_trunk(trunk, fb, test_samples, with_labels=False, desc="trunk cache, test prompts")
     tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER",
                                           new_tokens)
 

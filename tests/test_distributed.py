@@ -104,7 +104,7 @@ def _initial_table() -> torch.Tensor:
     from llm_bridge.lora import add_lora
 
     lm = add_lora(lm, cfg.model.bridge_lora)
-    return build_tapper(cfg, lm, 4).tower.table.weight.detach().clone()
+    return build_tapper(cfg.model, lm, 4).tower.table.weight.detach().clone()
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ def test_counts_match_the_real_modules():
     cfg.model.projector.slots = 4
     for user_dim in (None, 16):
         cfg.model.user_dim = user_dim
-        model = build_tapper(cfg, lm, n_users=5)
+        model = build_tapper(cfg.model, lm, n_users=5)
         want = tapper_params(shape, users=5, slots=4, user_dim=user_dim)
         dense = sum(p.numel() for m in (model.tower.pooling, model.projector) for p in m.parameters())
         assert dense == want["shared"] - want["shared_breakdown"]["bridge_lora"]

@@ -137,7 +137,7 @@ def test_generate_matches_step_by_step_argmax_with_a_prefix():
     fb = FeatureBuilder(tok, TextEncoder(lm, tok), get_task("LaMP-4"), RecordBank(lm.config.hidden_size), users)
     fb.register(test)
     batch = fb.collate(fb.question_samples(test), with_labels=False)
-    model = build_tapper(tiny_config("unused", slots=2), lm, len(users)).eval()
+    model = build_tapper(tiny_config("unused", slots=2).model, lm, len(users)).eval()
     bank = fb.bank.vectors
     toks = model.generate(batch, bank, max_new_tokens=3, eos_token_id=-1)
     with torch.no_grad():

@@ -34,16 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys_tapper.data import LampExample
+from recsys_tapper.features import record_item
 
 LO, HI = 1.0, 5.0
 
 
 # ------------------------------------------------------------------------------------------- data
-
-
-def record_item(user: str, record_id: str) -> str:
-    """The item of a profile record: its id without the ``f"{user}_"`` prefix (the whole id otherwise)."""
-    return record_id.removeprefix(f"{user}_")
 
 
 def visible_ratings(examples: Sequence[LampExample], field: str = "score") -> list[tuple[str, str, float]]:
