@@ -23,14 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from recsys_tapper.baselines.classical import run_classical  # noqa: E402
-from recsys_tapper.benchmark import benchmark_config, stage1_model  # noqa: E402
-from recsys_tapper.build import build_trunk  # noqa: E402
-from recsys_tapper.evaluation import predict_labels, rating_report  # noqa: E402
-from recsys_tapper.io import atomic_write_text  # noqa: E402
-from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users, train_stage2  # noqa: E402
-from recsys_tapper.runmeta import run_meta  # noqa: E402
-from recsys_tapper.tasks import get_task  # noqa: E402
+from recsys_tapper.baselines.classical import run_classical
+from recsys_tapper.benchmark import benchmark_config, stage1_model
+from recsys_tapper.build import build_trunk
+from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.io import atomic_write_text
+from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users, train_stage2
+from recsys_tapper.runmeta import run_meta
+from recsys_tapper.tasks import get_task
 
 # Overrides of the benchmark config (nested dicts), one per setting.
 SETTINGS: dict[str, dict] = {
@@ -65,7 +65,7 @@ def main() -> None:
                             for k, v in run_classical(dev, methods=["user_mean", "user_item_bias",
                                                                     "biased_mf"]).items()}
     cache = REPO / "benchmarks/results/ml100k_stage1_lora.safetensors"
-    lm, tok, fb, stage1_s = stage1_model(cfg, train, train + test, users_all, cache, 0.0 if cache.exists() else None)
+    lm, _, fb, _ = stage1_model(cfg, train, train + test, users_all, cache, 0.0 if cache.exists() else None)
     task = get_task(cfg.task.name)
     trunks = {}
     for name in args.settings:

@@ -59,7 +59,7 @@ class BenchmarkConfig(RunConfig):
 
     target: str = "ml100k"
     methods: list[str] = field(default_factory=lambda: CLASSICAL_METHODS + LLM_METHODS)
-    per_user: int = 2
+    per_user: int | None = 2
     results_dir: str = "benchmarks/results"
     resume: bool = True
     rerun: list[str] = field(default_factory=list)

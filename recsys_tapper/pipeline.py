@@ -16,24 +16,24 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from omegaconf import OmegaConf
 from peft import get_peft_model_state_dict
+from tqdm.auto import tqdm
 
 from embeddings.jagged import segment_ids, segment_sum
 from embeddings.record_bank import RecordBank
 from llm_bridge.backbone import load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
-from recsys_tapper.checkpoint import save_model
+from llm_bridge.trunk import TrunkCache
 from recsys_tapper.build import build_tapper, build_trunk
+from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp, write_predictions
 from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.model import TapperModel
-from llm_bridge.trunk import TrunkCache
 from recsys_tapper.tasks import RATING, get_task
 from recsys_tapper.training import train_loop
 from recsys_tapper.users import UserIndex

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.testing import assert_close
 
 from embeddings.record_bank import RecordBank
@@ -15,8 +16,6 @@ from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.synthetic import synthetic_rating_task
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
-
-from conftest import tiny_config
 
 N_LAYERS = 4
 
