@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -17,8 +18,6 @@ from recsys_tapper.pipeline import run
 from recsys_tapper.synthetic import synthetic_rating_task
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
-
-from conftest import tiny_config
 
 
 def test_full_history_targets_see_only_earlier_records():
@@ -70,7 +69,8 @@ def test_late_run_trains_every_record_and_saves_item_table(late_run):
     tapper = result["methods"]["tapper"]
     assert tapper["params_per_user"] == 5 and {"mae_median", "mae_expected", "mae_argmax"} <= set(tapper)
     saved = load_file(f"{cfg.out_dir}/model/items.safetensors")
-    items = json.loads(open(f"{cfg.out_dir}/model/items.json").read())
+    with open(f"{cfg.out_dir}/model/items.json") as f:
+        items = json.load(f)
     assert saved["table.ebc.embedding_bags.item_state.weight"].shape == (len(items), 5)
     assert saved["up.weight"].shape == (32, 5)  # one item slot of width d=32
 
@@ -80,13 +80,14 @@ def test_saved_late_model_reloads_and_predicts_the_same(late_run):
     from recsys_tapper.evaluation import predict_labels
 
     cfg, _, (_, test) = late_run
-    model, tok, users, bank, lcfg = load_model(f"{cfg.out_dir}/model")
+    model, tok, users, bank, _ = load_model(f"{cfg.out_dir}/model")
     assert model.prefix_layer == 1 and model.trunk is not None and model.items is not None
     fb = FeatureBuilder(tok, TextEncoder(model.lm, tok), get_task("movielens"), bank, users,
                         items=model.item_index)
     samples = fb.question_samples([ex for ex in test if users.row(ex.user_id) is not None])
     rows = predict_labels(model, fb, samples, get_task("movielens").labels)
-    saved = {r["id"]: r for r in json.loads(open(f"{cfg.out_dir}/predictions.json").read())["tapper"]}
+    with open(f"{cfg.out_dir}/predictions.json") as f:
+        saved = {r["id"]: r for r in json.load(f)["tapper"]}
     for r in rows:
         assert r["pred"] == saved[r["id"]]["pred"]
         assert r["expected"] == pytest.approx(saved[r["id"]]["expected"], abs=1e-5)
