@@ -78,8 +78,14 @@ class TapperModel(nn.Module):
     def personalized(self) -> bool:
         return self.tower is not None
 
-    def prefix(self, batch: Batch, bank: torch.Tensor, record_terms: torch.Tensor | None = None) -> torch.Tensor:
+    def prefix(self, batch: Batch, bank: torch.Tensor, record_terms: torch.Tensor | None = None,
+               cold_row: torch.Tensor | None = None) -> torch.Tensor:
+        """The soft tokens of each example -> (B, L[+L_i], d). ``cold_row`` (D,) stands in for the P_u row of
+        examples whose user has none (serving's cold start); without it they get zeros."""
         user_state, context, _ = self.tower(batch.users, batch.history, batch.q, bank, record_terms)
+        if cold_row is not None:
+            cold = torch.tensor(batch.cold, dtype=torch.bool, device=user_state.device)
+            user_state = torch.where(cold[:, None], cold_row.to(user_state)[None, :], user_state)  # (B, D)
         prefix = self.projector(user_state, context)  # (B, L, d)
         if self.items is not None:
             if batch.items is None:
@@ -174,10 +180,12 @@ class TapperModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def label_probs(self, batch: Batch, bank: torch.Tensor | None, label_ids: list[int], record_terms=None):
-        """Next-token distribution over ``label_ids`` at the answer position -> (B, n_labels)."""
+    def label_probs(self, batch: Batch, bank: torch.Tensor | None, label_ids: list[int], record_terms=None,
+                    cold_row: torch.Tensor | None = None):
+        """Next-token distribution over ``label_ids`` at the answer position -> (B, n_labels). The one scoring
+        path: evaluation and ``serve.Server`` both call it."""
+        prefix = self.prefix(batch, bank, record_terms, cold_row) if self.personalized else None
         if self.prefix_layer > 0:
-            prefix = self.prefix(batch, bank, record_terms) if self.personalized else None
             h, n_slots = self._upper(batch, prefix, with_labels=False)  # (B, L+T, d)
             pos = batch.last_prompt + n_slots  # (B,)
             _, lm_head = decoder(self.lm)
@@ -185,7 +193,8 @@ class TapperModel(nn.Module):
             if lm_head.bias is not None:
                 logits = logits + lm_head.bias[label_ids]
             return torch.softmax(logits.float(), dim=-1)
-        out = self.forward(batch, bank, record_terms)
-        pos = batch.last_prompt + out.prefix_len  # (B,)
-        logits = out.logits[torch.arange(len(pos)), pos][:, label_ids]  # (B, n_labels)
-        return torch.softmax(logits.float(), dim=-1)
+        embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
+        embeds, mask, _ = prepend_prefix(embeds, batch.attention_mask, None, prefix)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, L+T, V)
+        pos = batch.last_prompt + (0 if prefix is None else prefix.shape[1])  # (B,)
+        return torch.softmax(logits[torch.arange(len(pos)), pos][:, label_ids].float(), dim=-1)

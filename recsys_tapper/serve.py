@@ -28,7 +28,6 @@ import torch
 
 from embeddings.cold_start import COLD_START_MODES, cold_start_rows, served_by
 from llm_bridge.encoder import TextEncoder
-from llm_bridge.inject import prepend_prefix
 from recsys_tapper.checkpoint import load_model, read_histories
 from recsys_tapper.data import ProfileRecord, parse_date
 from recsys_tapper.data.dates import DateParseError
@@ -51,10 +50,7 @@ class ServeConfig:
 
 def cold_start_prefix(model: TapperModel, batch: Batch, bank: torch.Tensor, cold_row: torch.Tensor) -> torch.Tensor:
     """The prefix with each cold example's P_u replaced by ``cold_row``. -> (B, L, d)"""
-    user_state, context, _ = model.tower(batch.users, batch.history, batch.q, bank)  # (B, D), (B, d)
-    cold = torch.tensor(batch.cold, dtype=torch.bool)
-    user_state = torch.where(cold[:, None], cold_row.to(user_state)[None, :], user_state)  # (B, D)
-    return model.projector(user_state, context)  # (B, L, d)
+    return model.prefix(batch, bank, cold_row=cold_row)
 
 
 def _day(value: object, where: str) -> float | None:
@@ -84,7 +80,8 @@ class Server:
             raise NotImplementedError(f"serving scores label tasks; {self.task.name} is {self.task.kind}")
         self.encoder = TextEncoder(self.model.lm, self.tok, self.cfg.model.max_record_tokens)
         self.fb = FeatureBuilder(self.tok, self.encoder, self.task, self.bank, self.users,
-                                 self.cfg.model.max_prompt_tokens, self.cfg.model.max_history)
+                                 self.cfg.model.max_prompt_tokens, self.cfg.model.max_history,
+                                 items=self.model.item_index)
         self.histories = read_histories(self.model_dir / "histories.parquet")
         self.cold_start = cold_start
         self.cold_row = cold_start_rows(self.model.tower.table.weight, cold_start)  # (D,)
@@ -133,9 +130,10 @@ class Server:
 
     @torch.no_grad()
     def predict(self, user_id: str, question_input: str, history_records: Sequence | None = None,
-                date: float | str | None = None) -> dict:
+                date: float | str | None = None, item_id: str | None = None) -> dict:
         """Score one question. ``date`` is days since the epoch (a number) or a date string; None = the date
-        of the last history record. ``history_records`` override the saved history (dicts with ``id``, the
+        of the last history record. ``item_id`` keys the item table of a model that has one (None: cold item).
+        ``history_records`` override the saved history (dicts with ``id``, the
         task's record fields and an optional ``date``, or ProfileRecords)."""
         if not isinstance(user_id, str) or not user_id.strip():
             raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
@@ -143,15 +141,10 @@ class Server:
             raise ValueError("question_input is empty")
         query_day = _day(date, "date")
         rows, days, bank = self._history(user_id, self._records(user_id, history_records))
-        sample = Sample("predict", user_id, rows, days, query_day, question_input, None)
+        sample = Sample("predict", user_id, rows, days, query_day, question_input, None, item_id)
         batch = self.fb.collate([sample], with_labels=False)
         self.model.eval()
-        prefix = cold_start_prefix(self.model, batch, bank, self.cold_row)  # (1, L, d)
-        embeds = self.model.lm.get_input_embeddings()(batch.input_ids)  # (1, T, d)
-        embeds, mask, _ = prepend_prefix(embeds, batch.attention_mask, None, prefix)
-        logits = self.model.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (1, L+T, V)
-        pos = int(batch.last_prompt[0]) + prefix.shape[1]
-        probs = torch.softmax(logits[0, pos, self.label_ids].float(), dim=-1)  # (n_labels,)
+        probs = self.model.label_probs(batch, bank, self.label_ids, cold_row=self.cold_row)[0]  # (n_labels,)
         labels = self.task.labels
         out = {
             "user_id": user_id,
