@@ -87,7 +87,8 @@ def _examples():
                     profile=(ProfileRecord("1_3", {"text": "Alien", "score": "5"}, d("2014-05-11T10:00:00")),
                              ProfileRecord("1_4", {"text": "Süß 🎬", "score": "1"}, d("2014-05-12T00:00:00")))),
         LampExample(id="q2", user_id="q2", input="second", output="2",
-                    profile=(ProfileRecord("r", {"text": "no date", "score": "3"}, None),)),
+                    profile=(ProfileRecord("r", {"text": "no date", "score": "3"}, None),
+                             ProfileRecord("r2", {"text": "none either", "score": "4"}, None))),
     ]
 
 
@@ -96,7 +97,7 @@ def test_write_then_load_round_trip(tmp_path):
     write_lamp(_examples(), q, o, task="movielens")
     loaded, report = load_lamp(q, o, task="movielens")
     assert loaded == _examples()
-    assert (report.n_examples, report.n_missing_dates, report.problems) == (2, 1, [])
+    assert (report.n_examples, report.n_missing_dates, report.problems) == (2, 2, [])
     raw = json.loads(q.read_text())
     assert raw[0]["date"] == "2014-05-13T00:00:00" and raw[0]["item_id"] == "5" and raw[0]["user_id"] == "1"
     assert "user_id" not in raw[1]  # user-based LaMP: the question id is the user

@@ -11,6 +11,7 @@ from recsys_tapper.data.lamp import (
     label_set,
     load_lamp,
     required_fields,
+    stage2_min_profile,
     write_lamp,
     write_predictions,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "read_movielens",
     "required_fields",
     "split_movielens",
+    "stage2_min_profile",
     "write_lamp",
     "write_predictions",
 ]

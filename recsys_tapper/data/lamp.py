@@ -14,6 +14,12 @@ names the file, the question id, the profile record id when relevant, and the fi
 
     test_questions.json: question '310' profile record '3101': field 'score' missing
 
+Time: a profile record may not be dated after its question, nor, when the question has no date, after
+"now" (the record is dropped in lenient mode). Stage 2 of a task whose records carry a label (all but
+LaMP-1 and LaMP-7) trains on record i with records 0..i-1 as history, so such a question needs at least
+:func:`stage2_min_profile` usable records: fewer is an error in strict mode, and is kept and counted
+(``n_short_profiles``) in lenient mode.
+
 Example::
 
     examples, report = load_lamp("dev_questions.json", "dev_outputs.json", task="LaMP-3")
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embeddings.atomic import atomic_write_text
 from recsys_tapper.data.dates import DateParseError, format_date, parse_date
+from recsys_tapper.errors import InputError
 
 _TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "LaMP-1": ("title", "abstract"),
@@ -57,11 +65,13 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "movielens": ("1", "2", "3", "4", "5"),
 }
 _RATING_TASKS = ("LaMP-3", "movielens")
+# Tasks whose profile records carry no label: Stage 2 trains on their questions (tasks.py: input_template None).
+_QUESTION_LABELLED = ("LaMP-1", "LaMP-7")
 _QUESTION_KEYS = ("id", "input", "profile", "user_id", "date")
 _MAX_PROBLEMS = 1000
 
 
-class LampFormatError(ValueError):
+class LampFormatError(InputError):
     """A LaMP file that breaks the format; the message names file, question, record and field."""
 
 
@@ -108,8 +118,9 @@ class LoadReport:
     """What :func:`load_lamp` kept, skipped and fixed.
 
     ``n_missing_dates`` counts kept profile records without a date; ``n_bad_dates`` counts
-    unparseable dates (records and questions) set to ``None`` in lenient mode; ``problems`` holds
-    one line per skipped or fixed item (at most 1000).
+    unparseable dates (records and questions) set to ``None`` in lenient mode; ``n_short_profiles``
+    counts questions kept in lenient mode with fewer usable records than Stage 2 needs; ``problems``
+    holds one line per skipped, fixed or short item (at most 1000).
     """
 
     path: str
@@ -119,6 +130,7 @@ class LoadReport:
     n_missing_dates: int = 0
     n_bad_dates: int = 0
     n_truncated_texts: int = 0
+    n_short_profiles: int = 0
     problems: list[str] = field(default_factory=list)
 
     def note(self, line: str) -> None:
@@ -142,6 +154,12 @@ def _known_task(task: str) -> str:
 def required_fields(task: str) -> tuple[str, ...]:
     """Profile fields a task needs, e.g. ``required_fields("LaMP-3") == ("text", "score")``."""
     return _TASK_FIELDS[_known_task(task)]
+
+
+def stage2_min_profile(task: str) -> int:
+    """Fewest profile records a question needs for Stage 2 to train on it: 2 (one target after one record of
+    history) when the task's records carry a label, 1 for LaMP-1/LaMP-7 (Stage 2 trains on their questions)."""
+    return 1 if _known_task(task) in _QUESTION_LABELLED else 2
 
 
 def label_set(task: str) -> tuple[str, ...] | None:
@@ -189,9 +207,10 @@ def _value_str(v: object, where: str, name: str) -> str:
 class _Loader:
     """Validation state for one questions file."""
 
-    def __init__(self, path: Path, task: str | None, strict: bool, max_text_chars: int):
-        self.path, self.strict, self.max_chars = path, strict, max_text_chars
+    def __init__(self, path: Path, task: str | None, strict: bool, max_text_chars: int, now: float):
+        self.path, self.strict, self.max_chars, self.now, self.task = path, strict, max_text_chars, now, task
         self.required = _TASK_FIELDS[task] if task else ()
+        self.min_profile = stage2_min_profile(task) if task else 1
         self.score_labels = LABEL_SETS[task] if task in _RATING_TASKS else None
         self.report = LoadReport(path=str(path))
 
@@ -242,6 +261,9 @@ class _Loader:
         if qdate is not None and date is not None and date > qdate:
             raise LampFormatError(f"{where}: field 'date' {format_date(date)} is dated after the query "
                                   f"({format_date(qdate)})")
+        if qdate is None and date is not None and date > self.now:
+            raise LampFormatError(f"{where}: field 'date' {format_date(date)} is in the future (now "
+                                  f"{format_date(self.now)}) and the question has no date")
         fields = {k: self.text(v, where, k) for k, v in fields.items()}
         return ProfileRecord(id=rid, fields=fields, date=date)
 
@@ -279,6 +301,13 @@ class _Loader:
             dropped = len(raw["profile"])
             raise LampFormatError(f"{where}: field 'profile' is empty"
                                   + (f" after dropping {dropped} records" if dropped else ""))
+        if len(records) < self.min_profile:
+            msg = (f"{where}: field 'profile' has {len(records)} usable record(s); Stage 2 of {self.task} needs "
+                   f"at least {self.min_profile} (a target record after a record of history)")
+            if self.strict:
+                raise LampFormatError(msg)
+            self.report.n_short_profiles += 1
+            self.report.note(f"{msg} (kept; its user gets no Stage-2 target from it)")
         if all(r.date is not None for r in records):
             records.sort(key=lambda r: r.date)  # stable: ties keep file order
         return LampExample(id=qid, user_id=user_id, input=self.text(raw["input"], where, "input"),
@@ -336,7 +365,8 @@ def _resolve_task(task: str | None, obj: dict | None, outputs: Path | None) -> s
 
 
 def load_lamp(questions: str | Path, outputs: str | Path | None = None, *, task: str | None = None,
-              strict: bool = True, max_text_chars: int = 4000) -> tuple[list[LampExample], LoadReport]:
+              strict: bool = True, max_text_chars: int = 4000,
+              now: float | None = None) -> tuple[list[LampExample], LoadReport]:
     """Load a LaMP questions file (and optionally its outputs file), validating every field.
 
     Args:
@@ -346,6 +376,7 @@ def load_lamp(questions: str | Path, outputs: str | Path | None = None, *, task:
             works); enables required-field and label-set checks. Defaults to the outputs file's task.
         strict: raise at the first problem (``True``) or skip and count (``False``).
         max_text_chars: longer inputs and profile field values are truncated (never an error).
+        now: days since the epoch that count as "now" for records of undated questions (None = the clock).
 
     Returns:
         ``(examples, report)``; examples keep file order.
@@ -359,7 +390,7 @@ def load_lamp(questions: str | Path, outputs: str | Path | None = None, *, task:
     opath = Path(outputs) if outputs is not None else None
     out_obj = _read_outputs(opath) if opath is not None else None
     canon = _resolve_task(task, out_obj, opath)
-    loader = _Loader(qpath, canon, strict, max_text_chars)
+    loader = _Loader(qpath, canon, strict, max_text_chars, time.time() / 86400.0 if now is None else now)
     report = loader.report
     raw = _read_json(qpath)
     if not isinstance(raw, list):

@@ -17,10 +17,12 @@ from recsys_tapper.data import (
     format_date,
     load_lamp,
     parse_date,
+    stage2_min_profile,
     write_lamp,
 )
 
 REC = {"id": "r", "text": "t", "score": "4"}
+TWO = [dict(REC), {**REC, "id": "r2"}]  # LaMP-3's Stage 2 needs two records (a target after a history record)
 
 
 def _files(tmp_path, questions, golds=None, task="LaMP_3", raw_outputs=None):
@@ -78,6 +80,9 @@ QUESTION_CASES = [
     ([_question(date="2014-05-13", profile=[{**REC, "date": "2014-05-13T00:00:01"}])], None,
      ("question '1' profile record 'r': field 'date' 2014-05-13T00:00:01 is dated after the query "
       "(2014-05-13T00:00:00)")),
+    ([_question()], "LaMP-3",
+     ("question '1': field 'profile' has 1 usable record(s); Stage 2 of LaMP-3 needs at least 2 "
+     "(a target record after a record of history)")),
 ]
 
 
@@ -86,6 +91,37 @@ def test_strict_names_file_question_record_and_field(tmp_path, questions, task, 
     q, _ = _files(tmp_path, questions)
     with pytest.raises(LampFormatError, match=_exact(f"{q}: {message}")):
         load_lamp(q, task=task)
+
+
+def test_future_record_of_an_undated_question_is_named(tmp_path):
+    now = parse_date("2026-01-01")
+    q, _ = _files(tmp_path, [_question(profile=[{**REC, "date": "2999-01-01"}, {**REC, "id": "ok"}])])
+    with pytest.raises(LampFormatError, match=_exact(
+            f"{q}: question '1' profile record 'r': field 'date' 2999-01-01T00:00:00 is in the future "
+            "(now 2026-01-01T00:00:00) and the question has no date")):
+        load_lamp(q, now=now)
+    (ex,), report = load_lamp(q, now=now, strict=False)  # lenient: the record is dropped, the question kept
+    assert [r.id for r in ex.profile] == ["ok"] and report.n_skipped_records == 1
+    assert [r.id for r in load_lamp(q, now=parse_date("3000-01-01"))[0][0].profile] == ["r", "ok"]
+    q, _ = _files(tmp_path, [_question(date="2999-06-01", profile=[{**REC, "date": "2999-01-01"}])])
+    assert load_lamp(q, now=now)[0][0].profile[0].date == parse_date("2999-01-01")  # dated question: its date
+
+
+def test_short_profiles_only_for_tasks_that_train_on_records():
+    from recsys_tapper.tasks import TASKS
+
+    # LaMP-1/-7 records carry no label: Stage 2 trains on their questions, one record of history is enough
+    assert {name: stage2_min_profile(name) for name in TASKS} == {
+        name: 2 if t.input_template is not None else 1 for name, t in TASKS.items()}
+    assert (stage2_min_profile("LaMP-1"), stage2_min_profile("LaMP-7"), stage2_min_profile("LaMP_3")) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("task", ["LaMP-1", "LaMP-7"])
+def test_one_record_profiles_load_for_question_trained_tasks(tmp_path, task):
+    rec = {"id": "r", "text": "t", "title": "x", "abstract": "y"}
+    q, _ = _files(tmp_path, [_question(profile=[rec])])
+    (ex,), report = load_lamp(q, task=task)
+    assert len(ex.profile) == 1 and report.n_short_profiles == 0
 
 
 def test_required_fields_only_checked_with_a_task(tmp_path):
@@ -108,14 +144,14 @@ def test_file_level_errors_always_raise(tmp_path, strict):
 
 
 def test_output_errors(tmp_path):
-    q, o = _files(tmp_path, [_question()], {"1": "4", "zz": "3"})
+    q, o = _files(tmp_path, [_question(profile=TWO)], {"1": "4", "zz": "3"})
     with pytest.raises(LampFormatError, match=_exact(f"{o}: gold 'zz': field 'id' names no question in {q}")):
         load_lamp(q, o)
-    q, o = _files(tmp_path, [_question(), _question(id="2")], {"1": "4"})
+    q, o = _files(tmp_path, [_question(profile=TWO), _question(id="2", profile=TWO)], {"1": "4"})
     with pytest.raises(LampFormatError,
                        match=_exact(f"{q}: question '2': field 'output' missing (no valid gold in {o})")):
         load_lamp(q, o)
-    q, o = _files(tmp_path, [_question()], {"1": "6"})
+    q, o = _files(tmp_path, [_question(profile=TWO)], {"1": "6"})
     with pytest.raises(LampFormatError,
                        match=_exact(f"{o}: gold '1': field 'output' value '6' is not in the LaMP-3 label set")):
         load_lamp(q, o)
@@ -147,7 +183,11 @@ def test_lenient_skips_and_counts(tmp_path):
     assert report.n_skipped_records == 4  # late, noscore, the second "a", futureonly's only record
     # missing dates: "nodate", and the undated records of "nogold"/"badgold" (read before the golds)
     assert (report.n_bad_dates, report.n_missing_dates) == (1, 3)
-    assert len(report.problems) == 1 + 4 + 6 + 2  # bad date, 4 records, 6 questions, 2 golds
+    assert report.n_short_profiles == 2  # "nogold" and "badgold" have one record each (kept, then no gold)
+    assert len(report.problems) == 1 + 4 + 2 + 6 + 2  # bad date, 4 records, 2 short, 6 questions, 2 golds
+    assert (f"{q}: question 'nogold': field 'profile' has 1 usable record(s); Stage 2 of LaMP-3 needs at least "
+            "2 (a target record after a record of history) (kept; its user gets no Stage-2 target from it)"
+            in report.problems)
     assert f"{q}: question 'empty': field 'profile' is empty (question skipped)" in report.problems
     assert (f"{q}: question 'futureonly': field 'profile' is empty after dropping 1 records (question skipped)"
             in report.problems)
@@ -166,12 +206,13 @@ def test_problem_lines_are_capped(tmp_path):
 
 _texts = st.text(max_size=20)
 _seconds = st.integers(min_value=-2_000_000_000, max_value=4_000_000_000)
+_past_seconds = st.integers(min_value=-2_000_000_000, max_value=1_700_000_000)  # records of undated questions
 _field_names = st.text(min_size=1, max_size=6).filter(lambda k: k not in ("id", "date"))
 
 
 @st.composite
 def _example(draw, qid):
-    dates = draw(st.lists(st.one_of(st.none(), _seconds.map(lambda s: s / 86400)), min_size=1, max_size=4))
+    dates = draw(st.lists(st.one_of(st.none(), _past_seconds.map(lambda s: s / 86400)), min_size=1, max_size=4))
     if all(d is not None for d in dates):
         dates.sort()
     rids = draw(st.lists(_texts, min_size=len(dates), max_size=len(dates), unique=True))
@@ -244,7 +285,8 @@ def test_lenient_never_crashes_and_agrees_with_strict(questions, task):
         q.write_text(json.dumps(questions))
         examples, report = load_lamp(q, task=task, strict=False)
         assert report.n_examples + report.n_skipped_examples == len(questions)
-        clean = report.n_skipped_examples == report.n_skipped_records == report.n_bad_dates == 0
+        clean = (report.n_skipped_examples == report.n_skipped_records == report.n_bad_dates
+                 == report.n_short_profiles == 0)
         if clean:
             assert load_lamp(q, task=task)[0] == examples
         else:

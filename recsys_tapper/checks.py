@@ -1,0 +1,65 @@
+"""Config checks run before any work: a bad value fails in a second with the key named, not after the backbone
+has loaded (or deep inside a run with a message that names neither key nor file).
+
+Data files themselves are validated by the loaders (``recsys_tapper.data``); here only their presence::
+
+    check_run_config(cfg)   # InputError: data.dir /data/LaMP_3: missing dev_outputs.json (found: ...)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys_tapper.errors import InputError
+
+DATA_SOURCES = ("ml100k", "lamp")
+
+
+def lamp_files(train_split: str, test_split: str, task_trains_on_questions: bool) -> list[str]:
+    """The files ``data.source=lamp`` reads from ``data.dir``: both splits' questions and the test golds; the
+    train golds too when Stage 1/2 train on questions (LaMP-1/-7), else they are optional."""
+    need = [f"{train_split}_questions.json", f"{test_split}_questions.json", f"{test_split}_outputs.json"]
+    return need + [f"{train_split}_outputs.json"] if task_trains_on_questions else need
+
+
+def check_run_config(cfg) -> None:
+    """Check ``task.name``, ``data.source`` and, for ``lamp``, that ``data.dir`` holds the files it needs.
+
+    Args:
+        cfg: a ``RunConfig`` (or ``DistRunConfig``).
+
+    Raises:
+        InputError: naming the key, the directory and the missing files.
+    """
+    from recsys_tapper.tasks import TASKS
+
+    task = TASKS.get(cfg.task.name)
+    if task is None:
+        raise InputError(f"task.name {cfg.task.name!r} is not a task; known: {', '.join(sorted(TASKS))}")
+    if cfg.data.source not in DATA_SOURCES:
+        raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    if cfg.data.source != "lamp":
+        return
+    if not cfg.data.dir:
+        raise InputError("data.source=lamp needs data.dir, the folder with the LaMP JSON files")
+    d = Path(cfg.data.dir)
+    if not d.is_dir():
+        raise InputError(f"data.dir {d}: no such directory")
+    need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
+    missing = [name for name in need if not (d / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in d.glob("*.json"))
+        raise InputError(f"data.dir {d}: missing {', '.join(missing)} (data.train_split={cfg.data.train_split}, "
+                         f"data.test_split={cfg.data.test_split}; .json files there: {', '.join(found) or 'none'})")
+
+
+def check_benchmark_config(cfg) -> None:
+    """``target`` and ``methods``/``rerun`` names, then the run config checks."""
+    from recsys_tapper.benchmark import METHOD_NAMES
+
+    if cfg.target != "ml100k":
+        raise InputError(f"target {cfg.target!r} is not a benchmark target; available: ml100k")
+    unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
+    if unknown:
+        raise InputError(f"methods/rerun: unknown {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
+    check_run_config(cfg)
