@@ -1,4 +1,4 @@
-"""The ``tapper`` command: ``tapper <command> [hydra overrides]``.
+"""The ``tapper`` command: ``tapper <command> [key=value ...] [--debug]``.
 
     tapper demo                                    # == make demo
     tapper demo model=tiny trainer=smoke data.n_users=5 out_dir=runs/smoke
@@ -7,10 +7,14 @@
     tapper update model_dir=runs/demo/model events=new.parquet [strict=false]
     tapper benchmark ml100k [methods=[tapper,oppu]] [per_user=2]       # every method, side by side
     tapper params [--hidden 576 --layers 30 ... | --model-dir DIR | --paper] --users 1000   (argparse)
+    tapper <command> --help                        # that command's options
     torchrun --nproc_per_node=2 -m recsys_tapper.dist_train ...             # distributed Stage 2
     python -m recsys_tapper demo ...
 
-Each command is a thin @hydra.main around an importable function (``recsys_tapper.pipeline.run``).
+Each command composes its Hydra config (configs/<command>.yaml) and calls an importable function
+(``recsys_tapper.pipeline.run``, ...) through ``recsys_tapper.runner.execute``. Bad input (a file, record,
+field or config value) prints a few plain lines on stderr and exits 2; ``--debug`` or ``TAPPER_DEBUG=1``
+shows the traceback. This module imports nothing heavy, so ``tapper --help`` is quick.
 """
 
 from __future__ import annotations
@@ -18,24 +22,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from recsys_tapper.errors import EXIT_BAD_INPUT, debug_requested
+from recsys_tapper.runner import CONFIG_DIR, execute
 
-from recsys_tapper.config import RunConfig, register
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+__all__ = ["COMMANDS", "CONFIG_DIR", "main"]
 
 
-def _demo(cfg: DictConfig) -> None:
+def _demo(cfg) -> None:
+    from omegaconf import OmegaConf
+
     from recsys_tapper.pipeline import format_table, run
 
-    run_cfg: RunConfig = OmegaConf.to_object(cfg)
+    run_cfg = OmegaConf.to_object(cfg)
     result = run(run_cfg)
     print(format_table(result))
     print(f"wrote {Path(run_cfg.out_dir) / 'metrics.json'}")
 
 
-def _export(cfg: DictConfig) -> None:
+def _export(cfg) -> None:
+    from omegaconf import OmegaConf
+
     from recsys_tapper.user_ops import run_export
 
     manifest = run_export(OmegaConf.to_object(cfg))
@@ -44,14 +50,18 @@ def _export(cfg: DictConfig) -> None:
     print(f"exported {manifest['num_users']} users x {manifest['dim']} ({manifest['dtype']}{err}) to {cfg.out}")
 
 
-def _import(cfg: DictConfig) -> None:
+def _import(cfg) -> None:
+    from omegaconf import OmegaConf
+
     from recsys_tapper.user_ops import run_import
 
     report = run_import(OmegaConf.to_object(cfg))
     print(f"imported into {cfg.model_dir}: {report}")
 
 
-def _update(cfg: DictConfig) -> None:
+def _update(cfg) -> None:
+    from omegaconf import OmegaConf
+
     from recsys_tapper.user_ops import run_update
 
     r = run_update(OmegaConf.to_object(cfg))
@@ -61,7 +71,9 @@ def _update(cfg: DictConfig) -> None:
         print("  skipped:", line)
 
 
-def _benchmark(cfg: DictConfig) -> None:
+def _benchmark(cfg) -> None:
+    from omegaconf import OmegaConf
+
     from recsys_tapper.benchmark import benchmark
 
     bcfg = OmegaConf.to_object(cfg)
@@ -70,38 +82,107 @@ def _benchmark(cfg: DictConfig) -> None:
     print(f"{len(result['methods'])} methods written to {bcfg.results_dir}/ml100k.json")
 
 
+def _register_run() -> None:
+    from recsys_tapper.config import register
+
+    register()
+
+
 def _register_user_ops() -> None:
-    from recsys_tapper.user_ops import register as register_user_ops
+    from recsys_tapper.user_ops import register
 
-    register_user_ops()
+    register()
 
 
-COMMANDS = {"demo": ("demo", _demo), "export": ("export", _export), "import": ("import", _import),
-            "update": ("update", _update), "benchmark": ("benchmark", _benchmark)}
+def _register_benchmark() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from recsys_tapper.benchmark import BenchmarkConfig
+
+    _register_run()
+    ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
+
+
+def _check_run(cfg) -> None:
+    from recsys_tapper.checks import check_run_config
+
+    check_run_config(cfg)
+
+
+def _check_benchmark(cfg) -> None:
+    from recsys_tapper.checks import check_benchmark_config
+
+    check_benchmark_config(cfg)
+
+
+# name -> (config name, task function, schema registration, config check, one line of help)
+COMMANDS = {
+    "demo": ("demo", _demo, _register_run, _check_run,
+             "Stage 1 + Stage 2 on a dataset, non-personalized vs TAP-PER; writes out_dir/metrics.json."),
+    "export": ("export", _export, _register_user_ops, None,
+               "Export a saved model's user table (P_u rows) to parquet + safetensors."),
+    "import": ("import", _import, _register_user_ops, None, "Import an export into a saved model's user table."),
+    "update": ("update", _update, _register_user_ops, None,
+               "Append new events to a saved model and fine-tune only the affected users' rows."),
+    "benchmark": ("benchmark", _benchmark, _register_benchmark, _check_benchmark,
+                  "Every method side by side on a target (ml100k); writes results_dir/ml100k.{json,md,png}."),
+}
+
+
+def _usage(file=None) -> None:
+    print(__doc__, file=file)
+    print("commands:", ", ".join([*COMMANDS, "params"]), file=file)
+
+
+def command_help(name: str) -> str:
+    """One command's help: what it does, its options (the composed config) and the config groups it uses."""
+    from omegaconf import OmegaConf
+
+    from recsys_tapper.runner import compose_config
+
+    config_name, _, register, _, summary = COMMANDS[name]
+    register()
+    cfg = compose_config(config_name, [])
+    groups = [f"  {k}: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / k).glob('*.yaml')))}"
+              for k in cfg if (Path(CONFIG_DIR) / str(k)).is_dir()]
+    lines = [f"usage: tapper {name} [key=value ...] [--debug]", "", summary, "",
+             f"options (configs/{config_name}.yaml; override any key as key=value, nested as a.b=value):", "",
+             OmegaConf.to_yaml(cfg).rstrip()]
+    if groups:
+        lines += ["", "config groups (choose one as group=option):", *groups]
+    lines += ["", "--debug (or TAPPER_DEBUG=1): show the traceback of a bad-input error"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``tapper <command> ...``; exits 2 on bad input (see ``recsys_tapper.errors``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "params":  # plain argparse: no training config involved
         from recsys_tapper.params import main as params_main
 
         sys.argv = ["tapper params", *argv[1:]]
         return params_main()
-    if argv[:1] == ["benchmark"] and len(argv) > 1 and "=" not in argv[1]:
-        argv = ["benchmark", f"target={argv[1]}", *argv[2:]]  # tapper benchmark ml100k -> target=ml100k
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__)
-        print("commands:", ", ".join([*COMMANDS, "params"]))
-        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    name, fn = COMMANDS[argv[0]]
-    register()
-    if name in ("export", "import", "update"):
-        _register_user_ops()
-    if name == "benchmark":
-        from hydra.core.config_store import ConfigStore
-
-        from recsys_tapper.benchmark import BenchmarkConfig
-
-        ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
-    sys.argv = [f"tapper {argv[0]}", *argv[1:]]
-    hydra.main(config_path=CONFIG_DIR, config_name=name, version_base="1.3")(fn)()
+    debug, argv = debug_requested(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _usage()
+        raise SystemExit(0)
+    if argv[0] not in COMMANDS:
+        print(f"tapper: error: unknown command {argv[0]!r}", file=sys.stderr)
+        _usage(sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+    name, args = argv[0], argv[1:]
+    if "-h" in args or "--help" in args:
+        print(command_help(name))
+        raise SystemExit(0)
+    if name == "benchmark" and args and "=" not in args[0]:
+        args = [f"target={args[0]}", *args[1:]]  # tapper benchmark ml100k -> target=ml100k
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        print(f"tapper {name}: error: unknown option {flags[0]!r} (options are key=value; see --help)",
+              file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+    config_name, fn, register, check, _ = COMMANDS[name]
+    sys.argv = [f"tapper {name}", *args]
+    code = execute(f"tapper {name}", config_name, args, fn, register=register, check=check, debug=debug)
+    if code:
+        raise SystemExit(code)

@@ -579,16 +579,21 @@ def _main(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import hydra
+    """``python -m recsys_tapper.dist_train [key=value ...] [--debug]``; bad input exits 2 on every rank, with
+    a few plain lines on stderr (prefixed ``rank r`` when there are several), as ``tapper`` does."""
+    from recsys_tapper.checks import check_run_config
+    from recsys_tapper.errors import debug_requested
+    from recsys_tapper.runner import execute
 
-    from recsys_tapper.cli import CONFIG_DIR
-
-    register()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("RANK", "0")) != 0:  # one run directory, written by rank 0 only
-        args += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    prog = "recsys_tapper.dist_train" + (f" (rank {rank})" if world > 1 else "")
     sys.argv = ["recsys_tapper.dist_train", *args]
-    hydra.main(config_path=CONFIG_DIR, config_name="dist", version_base="1.3")(_main)()
+    code = execute(prog, "dist", args, _main, register=register, check=check_run_config, debug=debug,
+                   write_run_files=rank == 0,  # one run directory, written by rank 0 only
+                   log_level=logging.INFO if rank == 0 else logging.WARNING)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

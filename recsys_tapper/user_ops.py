@@ -42,6 +42,7 @@ from embeddings.user_state import UserStateConfig, UserStateTable
 from recsys_tapper.checkpoint import HISTORY_SCHEMA, read_histories, rewrite_model_files, verify
 from recsys_tapper.data import LampExample, ProfileRecord, format_date, parse_date
 from recsys_tapper.data.dates import DateParseError
+from recsys_tapper.errors import InputError
 from recsys_tapper.features import FeatureBuilder, Sample, record_key
 from recsys_tapper.tasks import Task, get_task
 from recsys_tapper.training import OptimConfig, train_loop
@@ -52,7 +53,7 @@ EVENT_FIELDS = ("user_id", "record_id", "text", "label", "timestamp")
 _MAX_PROBLEMS = 1000
 
 
-class UpdateError(ValueError):
+class UpdateError(InputError):
     """A bad events file or row; the message names the file, the row (from 0) and the field."""
 
 
@@ -151,13 +152,13 @@ def _merge_rows(
 ) -> tuple[torch.Tensor, list[str], dict]:
     """Exported rows replace the rows of the same users in ``base``; unknown users per ``new_users``."""
     if new_users not in ("add", "skip", "error"):
-        raise ValueError(f"new_users {new_users!r} must be add, skip or error")
+        raise InputError(f"new_users {new_users!r} must be add, skip or error")
     if weight.shape[1] != base.shape[1]:
-        raise ValueError(f"{where}: export rows are {weight.shape[1]} wide, the table's are {base.shape[1]}")
+        raise InputError(f"{where}: export rows are {weight.shape[1]} wide, the table's are {base.shape[1]}")
     index = {u: i for i, u in enumerate(ids)}
     unknown = [u for u in export_ids if u not in index]
     if unknown and new_users == "error":
-        raise ValueError(f"{where}: {len(unknown)} exported users are not in the model, e.g. {unknown[:3]}; "
+        raise InputError(f"{where}: {len(unknown)} exported users are not in the model, e.g. {unknown[:3]}; "
                          "pass new_users=add or skip")
     ids = list(ids)
     if new_users == "add":
@@ -252,7 +253,7 @@ def import_into_module(
     from embeddings.sharding import gather_user_table, load_user_table
 
     if new_users == "add":
-        raise ValueError("a sharded table cannot grow in place; use new_users=skip or error, or reshard")
+        raise InputError("a sharded table cannot grow in place; use new_users=skip or error, or reshard")
     weight, export_ids, _, _ = import_user_table(export_dir, expected_fingerprint, allow_fingerprint_mismatch)
     full = gather_user_table(module)  # (N, D) on rank 0, None elsewhere
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

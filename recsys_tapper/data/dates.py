@@ -20,6 +20,8 @@ import math
 import re
 from datetime import datetime, timedelta, timezone
 
+from recsys_tapper.errors import InputError
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _SECONDS_PER_DAY = 86400.0
 _MS_THRESHOLD = 1e11  # epoch seconds reach 1e11 in the year 5138; larger numbers are milliseconds
@@ -28,7 +30,7 @@ _ISO = re.compile(r"\d{4}-\d{2}-\d{2}([T ].*)?")
 _MDY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
 
 
-class DateParseError(ValueError):
+class DateParseError(InputError):
     """A value that is not a date we understand; the message quotes the value."""
 
 

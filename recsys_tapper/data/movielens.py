@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from recsys_tapper.data.lamp import LampExample, ProfileRecord, _atomic_write_json, write_lamp
+from recsys_tapper.errors import InputError
 
 RECBOLE = ("recbole", "1.2.1")
 _MEMBER_DIR = "recbole/dataset_example/ml-100k"
@@ -42,7 +43,7 @@ _PROMPT = "Rate the movie from 1 to 5. movie: {}"
 _SECONDS_PER_DAY = 86400.0
 
 
-class MovieLensFormatError(ValueError):
+class MovieLensFormatError(InputError):
     """A bad row in the MovieLens files; the message names file and line."""
 
 
