@@ -37,6 +37,7 @@ SETTINGS: dict[str, dict] = {
     "late_mf_item": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33}},
     "late_item": {"model": {"prefix_layer": 28, "user_dim": 33, "item_dim": 33}},
     "late_mf": {"model": {"prefix_layer": 28, "warm_start": "mf"}},
+    "late_mf_item_k29": {"model": {"prefix_layer": 29, "warm_start": "mf", "item_dim": 33}},
     "late_mf_item_k26": {"model": {"prefix_layer": 26, "warm_start": "mf", "item_dim": 33}},
     "late_mf_item_lr1e-2": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33},
                             "trainer": {"lr_dense": 1e-2}},

@@ -55,21 +55,64 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def run_layers(lm, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0, end: int | None = None,
-               offset: int = 0, final_norm: bool = True) -> torch.Tensor:
+               offset: int = 0, final_norm: bool = True, query_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Run decoder layers ``start..end-1`` on ``hidden`` (B, S, d) at positions ``offset..offset+S-1``.
 
-    ``final_norm`` applies the model's last RMSNorm when ``end`` is the last layer (the input of lm_head)."""
+    ``final_norm`` applies the model's last RMSNorm when ``end`` is the last layer (the input of lm_head).
+    ``query_pos`` (B, Q) names the only positions whose output is wanted (e.g. each row's answer position):
+    the last layer then computes its queries, attention output and MLP at those positions alone (keys and
+    values still at every position), and the result is (B, Q, d)."""
     inner, _ = decoder(lm)
     end = len(inner.layers) if end is None else end
     b, s, _ = hidden.shape
     positions = (torch.arange(s, device=hidden.device) + offset)[None].expand(b, s)  # (B, S)
     rope = inner.rotary_emb(hidden, position_ids=positions)
     mask = additive_mask(attention_mask, hidden.dtype)
-    for layer in inner.layers[start:end]:
+    layers = list(inner.layers[start:end])
+    prune = query_pos is not None and layers and _prunable(layers[-1])
+    for layer in layers[:-1] if prune else layers:
         hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+    if prune:
+        hidden = _last_layer_at(layers[-1], hidden, attention_mask, rope, query_pos)  # (B, Q, d)
+    elif query_pos is not None:
+        hidden = hidden.gather(1, query_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, Q, d)
     if final_norm and end == len(inner.layers):
         hidden = inner.norm(hidden)
-    return hidden  # (B, S, d)
+    return hidden
+
+
+def _prunable(layer) -> bool:
+    """A plain Llama-style layer (pre-norm attention + MLP, q/k/v/o projections, no q/k norms)."""
+    attn = getattr(layer, "self_attn", None)
+    return (attn is not None and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+            and not hasattr(attn, "q_norm") and getattr(attn, "sliding_window", None) is None
+            and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm"))
+
+
+def _last_layer_at(layer, hidden: torch.Tensor, key_mask: torch.Tensor, rope, query_pos: torch.Tensor) -> torch.Tensor:
+    """One decoder layer whose output is needed at ``query_pos`` (B, Q) only -> (B, Q, d)."""
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+    attn = layer.self_attn
+    b, s, d = hidden.shape
+    hd = attn.head_dim
+    take = query_pos[..., None]  # (B, Q, 1)
+    x = layer.input_layernorm(hidden)  # (B, S, d)
+    xq = x.gather(1, take.expand(-1, -1, d))  # (B, Q, d)
+    q = attn.q_proj(xq).view(b, xq.shape[1], -1, hd).transpose(1, 2)  # (B, H, Q, hd)
+    k = attn.k_proj(x).view(b, s, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
+    v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2)
+    cos, sin = rope  # (B, S, hd)
+    cq, sq = cos.gather(1, take.expand(-1, -1, hd)), sin.gather(1, take.expand(-1, -1, hd))  # (B, Q, hd)
+    q = q * cq[:, None] + rotate_half(q) * sq[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, H, S, hd)
+    allowed = (torch.arange(s, device=hidden.device)[None, None, :] <= query_pos[:, :, None]) & key_mask.bool()[
+        :, None, :]  # (B, Q, S)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling)
+    h = hidden.gather(1, take.expand(-1, -1, d)) + attn.o_proj(out.transpose(1, 2).reshape(b, xq.shape[1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))  # (B, Q, d)
 
 
 def right_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

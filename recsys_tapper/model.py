@@ -109,8 +109,10 @@ class TapperModel(nn.Module):
             raise ValueError(f"prefix_layer={self.prefix_layer} needs a TrunkCache (model.trunk)")
         return self.trunk.states(rows)
 
-    def _upper(self, batch: Batch, prefix: torch.Tensor | None, with_labels: bool) -> tuple[torch.Tensor, int]:
-        """Final-normed hidden states (B, L+T', d) of [P | cached states] through layers k..N-1.
+    def _upper(self, batch: Batch, prefix: torch.Tensor | None, with_labels: bool,
+               query_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Final-normed hidden states (B, L+T', d) of [P | cached states] through layers k..N-1, or (B, Q, d) at
+        ``query_pos`` (B, Q) (token positions, counted after the prefix) when given.
 
         With labels the last token of each row is dropped from the input: it is only ever a target."""
         lens = batch.attention_mask.sum(1).tolist()
@@ -122,19 +124,25 @@ class TapperModel(nn.Module):
             n_slots = prefix.shape[1]
             states = torch.cat([prefix.to(states.dtype), states], dim=1)  # (B, L+T', d)
             mask = torch.cat([torch.ones(len(n), n_slots, dtype=mask.dtype), mask], dim=1)
-        return run_layers(self.lm, states, mask, start=self.prefix_layer), n_slots
+        qp = None if query_pos is None else query_pos + n_slots
+        return run_layers(self.lm, states, mask, start=self.prefix_layer, query_pos=qp), n_slots
 
     def _late_forward(self, batch: Batch, prefix: torch.Tensor | None) -> ModelOutput:
         if batch.labels is None:
             raise ValueError("the late-prefix forward reads answer positions from labels; use label_probs or "
                              "generate for prompts without answers")
-        h, n_slots = self._upper(batch, prefix, with_labels=True)  # (B, L+T', d)
-        t = h.shape[1] - n_slots
-        targets = batch.labels[:, 1 : 1 + t]  # token j's state predicts token j+1
-        sel = targets != IGNORE  # (B, T')
+        targets = batch.labels[:, 1:]  # token j's state predicts token j+1
+        read = targets != IGNORE  # (B, T-1): the positions whose output is read
+        n_read = read.sum(1)
+        q = int(n_read.max())
+        # (B, Q) the read positions of each row, padded with the row's first one (padding is not scored)
+        order = torch.argsort((~read).int(), dim=1, stable=True)[:, :q]
+        keep = torch.arange(q)[None, :] < n_read[:, None]  # (B, Q)
+        query_pos = torch.where(keep, order, order[:, :1])
+        h, n_slots = self._upper(batch, prefix, with_labels=True, query_pos=query_pos)  # (B, Q, d)
         _, lm_head = decoder(self.lm)
-        logits = lm_head(h[:, n_slots:][sel])  # (n_answer_tokens, V): only where a label is read
-        return ModelOutput(F.cross_entropy(logits.float(), targets[sel]), None, n_slots)
+        logits = lm_head(h[keep])  # (n_answer_tokens, V): only where a label is read
+        return ModelOutput(F.cross_entropy(logits.float(), targets.gather(1, query_pos)[keep]), None, n_slots)
 
     # ---------------------------------------------------------------------------------------- readouts
 
@@ -186,10 +194,9 @@ class TapperModel(nn.Module):
         path: evaluation and ``serve.Server`` both call it."""
         prefix = self.prefix(batch, bank, record_terms, cold_row) if self.personalized else None
         if self.prefix_layer > 0:
-            h, n_slots = self._upper(batch, prefix, with_labels=False)  # (B, L+T, d)
-            pos = batch.last_prompt + n_slots  # (B,)
+            h, _ = self._upper(batch, prefix, with_labels=False, query_pos=batch.last_prompt[:, None])  # (B, 1, d)
             _, lm_head = decoder(self.lm)
-            logits = h[torch.arange(len(pos)), pos] @ lm_head.weight[label_ids].T  # (B, n_labels)
+            logits = h[:, 0] @ lm_head.weight[label_ids].T  # (B, n_labels)
             if lm_head.bias is not None:
                 logits = logits + lm_head.bias[label_ids]
             return torch.softmax(logits.float(), dim=-1)
