@@ -44,7 +44,7 @@ def greedy_generate(lm, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens
     b = embeds.shape[0]
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
     out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-    past = out.past_key_values
+    past = out.cache
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
     first = time.perf_counter() - t0
     tokens: list[list[int]] = [[] for _ in range(b)]
@@ -60,7 +60,7 @@ def greedy_generate(lm, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
         pos = pos[:, -1:] + 1
-        out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=past, use_cache=True)
+        past = out.cache
         nxt = out.logits[:, -1].argmax(-1)
     return Generation(tokens, first, time.perf_counter() - t0)

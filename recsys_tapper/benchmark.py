@@ -31,6 +31,7 @@ from recsys_tapper.baselines.oppu import OppuConfig, oppu_params_per_user, run_o
 from recsys_tapper.baselines.rag import run_rag
 from recsys_tapper.build import build_trunk, prefix_slots
 from recsys_tapper.config import RunConfig
+from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import READOUTS, predict_labels, rating_report
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
@@ -139,10 +140,10 @@ def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
 
 def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") -> dict:
     if cfg.target != "ml100k":
-        raise ValueError(f"unknown benchmark target {cfg.target!r}; available: ml100k")
+        raise InputError(f"unknown benchmark target {cfg.target!r}; available: ml100k")
     unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {METHOD_NAMES}")
+        raise InputError(f"unknown methods {unknown}; known: {METHOD_NAMES}")
     out_dir = Path(cfg.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "ml100k.json"
@@ -151,7 +152,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     if cfg.resume and json_path.exists():
         old = json.loads(json_path.read_text())
         if old.get("settings") != settings:  # never overwrite another run's table by accident
-            raise ValueError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
+            raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
                              "pass results_dir=<another folder> for a new table, or resume=false to replace it")
         old["methods"] = reusable_rows(old["methods"], cfg)
         result = old

@@ -74,13 +74,13 @@ from llm_bridge.backbone import load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.inject import IGNORE
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
+from recsys_tapper.build import build_trunk
 from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
 from recsys_tapper.evaluation import predict_labels, rating_report
 from recsys_tapper.features import Batch, FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.model import TapperModel
-from recsys_tapper.build import build_trunk
 from recsys_tapper.pipeline import (
     build_tapper,
     load_splits,

@@ -30,6 +30,7 @@ from recsys_tapper.build import build_tapper, build_trunk
 from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import LampExample, build_movielens_lamp, load_lamp, write_predictions
+from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_text
@@ -70,7 +71,7 @@ def load_splits(cfg: RunConfig, reports: list | None = None) -> tuple[list[LampE
 def data_report(reports: list, encoder: TextEncoder) -> dict:
     """What validation skipped, fixed or truncated, for the run's metrics."""
     keys = ("n_examples", "n_skipped_examples", "n_skipped_records", "n_missing_dates", "n_bad_dates",
-            "n_truncated_texts")
+            "n_truncated_texts", "n_short_profiles")
     out = {r.path: {k: getattr(r, k) for k in keys} for r in reports}
     out["n_texts_truncated_to_max_record_tokens"] = encoder.n_truncated
     return out
@@ -91,7 +92,7 @@ def question_trainees(train: list[LampExample], chosen: list[str], n_users: int 
     train users. Test users without a row are served cold (P_u = 0; P_q still reads their profile)."""
     gold = [ex for ex in train if ex.output is not None]
     if not gold:
-        raise ValueError("this task's profile records carry no label, so Stage 1 and Stage 2 train on the train "
+        raise InputError("this task's profile records carry no label, so Stage 1 and Stage 2 train on the train "
                          "split's questions and their gold outputs; the train split has none (give its "
                          "outputs file)")
     have = {ex.user_id for ex in gold}
@@ -198,7 +199,7 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     plm = add_lora(lm, m.bridge_lora, first_layer=m.prefix_layer)
     s2 = fb.stage2_samples(train, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
     if not s2:
-        raise ValueError("Stage 2 has no training examples: no personalized user has a profile record after "
+        raise InputError("Stage 2 has no training examples: no personalized user has a profile record after "
                          "their first (or, for tasks without labelled records, a gold-labelled train question)")
     if m.item_dim is not None:
         fb.items = item_index(s2)
