@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create or refresh .venv/ with the CPU pins that work together (see README "Install").
-# Idempotent: a stamp file records the hash of this script and pyproject.toml; when neither
+# Idempotent: a stamp file records the hash of this script, pyproject.toml and requirements.txt; when neither
 # changed and the venv imports, it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.tapper-setup-stamp
-want=$(cat scripts/setup_env.sh pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/setup_env.sh pyproject.toml requirements.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import torchrec, transformers, recsys_tapper" 2>/dev/null; then
   exit 0
 fi
