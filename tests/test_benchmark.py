@@ -1,5 +1,6 @@
 """The benchmark's resume rule: a row is reused only when every setting it depends on is unchanged."""
 
+import pytest
 from omegaconf import OmegaConf
 
 from recsys_tapper.benchmark import ABLATIONS, BenchmarkConfig, method_settings, reusable_rows
@@ -78,3 +79,25 @@ def test_model_and_prompt_settings_decide_reuse_too():
     longer = _cfg()
     longer.model.max_prompt_tokens = 128
     assert _settings(cfg) != _settings(longer)  # every LLM row depends on the prompt budget
+
+
+def test_readout_is_chosen_on_dev_rows_by_mae():
+    from recsys_tapper.benchmark import choose_readout
+
+    dev = [{"gold": "4", "pred": "5", "median": "4", "expected": 4.4},
+           {"gold": "2", "pred": "3", "median": "3", "expected": 2.5}]
+    readout, maes = choose_readout(dev)
+    assert maes == {"argmax": 1.0, "median": 0.5, "expected": pytest.approx(0.45)}
+    assert readout == "expected"
+    tie = [{"gold": "4", "pred": "4", "median": "4", "expected": 4.0}]
+    assert choose_readout(tie)[0] == "argmax"
+
+
+def test_late_prefix_settings_decide_reuse():
+    cfg, other = _cfg(), _cfg()
+    other.model.prefix_layer = 28
+    assert method_settings(cfg, "tapper") != method_settings(other, "tapper")
+    other = _cfg()
+    other.paper_per_user = 4
+    assert method_settings(cfg, "tapper_paper") != method_settings(other, "tapper_paper")
+    assert method_settings(cfg, "tapper") == method_settings(other, "tapper")
