@@ -241,7 +241,8 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
             vcfg = _variant(cfg, name)
             vcfg.trainer.stage2_per_user = cfg.paper_per_user if name == "tapper_paper" else cfg.per_user
             trunk = trunk_for(vcfg)
-            model, s2, losses, stage2_s = train_stage2(vcfg, lm, fb, users, train, trunk)
+            model, s2, losses, stage2_s = train_stage2(vcfg, lm, fb, users, train, trunk,
+                                                       resume=out_dir / f"ml100k_{name}_stage2_resume.safetensors")
             prefill_trunk(trunk, fb, test_samples + dev_samples, with_labels=False, desc="trunk cache, queries")
             t1 = time.perf_counter()
             rows = predict_labels(model, fb, test_samples, task.labels, cfg.trainer.eval_batch_size, desc=name)

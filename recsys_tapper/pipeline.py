@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from embeddings.jagged import segment_ids, segment_sum
 from embeddings.record_bank import RecordBank
-from llm_bridge.backbone import load_backbone
+from llm_bridge.backbone import fingerprint, load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from llm_bridge.trunk import TrunkCache
@@ -186,11 +186,24 @@ def mean_histories(bank: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
     return segment_sum(bank[ids], segment_ids(lengths), len(rows)) / lengths[:, None]
 
 
+def frozen_digest(lm) -> str:
+    """A hash of every decoder layer's attention and MLP weights (first rows): tells one merged Stage-1
+    LoRA from another, which the backbone fingerprint (config + input embeddings) does not."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(lm.named_parameters()):
+        if "layers." in name and "lora_" not in name:
+            h.update(p.detach()[:2].float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train: list[LampExample],
-                 trunk: TrunkCache | None = None):
+                 trunk: TrunkCache | None = None, resume: str | Path | None = None):
     """Stage 2: P_u rows, scorer, lambdas, projection and a fresh bridge LoRA on the users' own histories
     (plus the item table when ``model.item_dim`` is set; rows warm-started from MF with ``model.warm_start``).
 
+    ``resume``: a file where the loop saves its state every 200 steps and resumes from (``train_loop``).
     Returns (model, samples, per-step losses, seconds). ``lm`` gains the bridge LoRA layers (peft); call
     ``model.lm.unload()`` to get the plain backbone back."""
     t0 = time.perf_counter()
@@ -221,7 +234,11 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
         {"params": dense, "lr": cfg.trainer.lr_dense},
         {"params": lora_parameters(plm), "lr": cfg.trainer.lr_bridge},
     ]
-    losses = train_loop(model, s2, fb, groups, cfg.trainer.stage2, desc="stage 2 (personalization)")
+    tag = json.dumps([OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+                      OmegaConf.to_container(OmegaConf.structured(cfg.trainer)), fingerprint(lm), frozen_digest(lm),
+                      fb.bank.keys[:3], len(fb.bank)], default=str)
+    losses = train_loop(model, s2, fb, groups, cfg.trainer.stage2, desc="stage 2 (personalization)", resume=resume,
+                        resume_tag=tag)
     return model, s2, losses, time.perf_counter() - t0
 
 
@@ -251,7 +268,8 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
                                           "eval non-personalized", new_tokens)
     trunk = build_trunk(cfg.model, lm, task_lora_state)
-    model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen, trunk)
+    model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen, trunk,
+                                               resume=Path(cfg.out_dir) / "stage2_resume.safetensors")
     prefill_trunk(trunk, fb, test_samples, with_labels=False, desc="trunk cache, test prompts")
     tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER",
                                           new_tokens)

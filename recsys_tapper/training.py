@@ -10,14 +10,21 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from recsys_tapper.features import FeatureBuilder, Sample
+from recsys_tapper.io import atomic_write_bytes
 from recsys_tapper.model import TapperModel
 
 
@@ -57,8 +64,17 @@ def train_loop(
     cfg: OptimConfig,
     desc: str = "train",
     on_step: Callable[[int, float], None] | None = None,
+    resume: str | Path | None = None,
+    save_every: int = 200,
+    resume_tag: str = "",
 ) -> list[float]:
-    """Run ``cfg.epochs`` passes; returns the per-step losses. Raises on a non-finite loss."""
+    """Run ``cfg.epochs`` passes; returns the per-step losses. Raises on a non-finite loss.
+
+    With ``resume`` (a safetensors path) the trainable parameters, AdamW moments, step, losses and RNG state are
+    saved there every ``save_every`` steps (atomically); a later call with the same samples and settings picks
+    up after the last saved step and gives the same result as an uninterrupted run. The file is removed when
+    the loop finishes. ``resume_tag`` adds what else the file must match (e.g. the run config and the frozen
+    backbone's fingerprint)."""
     params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError("nothing to train: every parameter group is empty")
@@ -68,10 +84,15 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, cfg.warmup))
     model.train()
     losses: list[float] = []
-    bar = tqdm(total=total, desc=desc, leave=False)
+    key = _resume_key(samples, params, cfg, resume_tag)
+    start = _load_resume(resume, key, params, opt, sched, losses) if resume is not None else 0
+    bar = tqdm(total=total, initial=start, desc=desc, leave=False)
     step = 0
     for _ in range(cfg.epochs):
         for i in range(0, len(samples), cfg.batch_size):
+            if step < start:
+                step += 1
+                continue
             batch = fb.collate(samples[i : i + cfg.batch_size])
             out = model(batch, fb.bank.vectors)
             if not torch.isfinite(out.loss):
@@ -82,11 +103,60 @@ def train_loop(
             opt.step()
             sched.step()
             losses.append(out.loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1])
             step += 1
+            if resume is not None and step % save_every == 0 and step < total:
+                _save_resume(resume, key, step, params, opt, losses)
+            if on_step is not None:
+                on_step(step - 1, losses[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()
     model.eval()
+    if resume is not None and Path(resume).exists():
+        Path(resume).unlink()
     return losses
+
+
+def _resume_key(samples: Sequence[Sample], params: list, cfg: OptimConfig, tag: str) -> str:
+    """What a resume file must match: the samples in order, the parameter shapes, the optimizer settings, tag."""
+    h = hashlib.sha256(json.dumps([asdict(cfg), [list(p.shape) for p in params], tag]).encode())
+    for s in samples:
+        h.update(f"{s.id}\x00{s.user}\x00{s.answer}\x00".encode())
+    return h.hexdigest()
+
+
+def _save_resume(path, key: str, step: int, params: list, opt, losses: list[float]) -> None:
+    tensors = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
+    for i, p in enumerate(params):
+        for name, v in opt.state.get(p, {}).items():
+            tensors[f"s{i}.{name}"] = torch.as_tensor(v).detach().contiguous()
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+    tensors["rng"] = torch.get_rng_state()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(path), save(tensors, metadata={"key": key, "step": str(step)}))
+
+
+def _load_resume(path, key: str, params: list, opt, sched, losses: list[float]) -> int:
+    """Restore a resume file into params/opt/sched/losses; returns the step to continue from (0: none)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            raise ValueError(f"{path}: a resume file of other samples or settings; remove it to start afresh")
+        names = set(f.keys())
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(f.get_tensor(f"p{i}"))
+                state = {n.split(".", 1)[1]: f.get_tensor(n) for n in names if n.startswith(f"s{i}.")}
+                if state:
+                    opt.state[p] = state
+        losses += f.get_tensor("losses").tolist()
+        torch.set_rng_state(f.get_tensor("rng"))
+        step = int(meta["step"])
+    with warnings.catch_warnings():  # replay the schedule (no optimizer step is due)
+        warnings.simplefilter("ignore")
+        for _ in range(step):
+            sched.step()
+    return step
