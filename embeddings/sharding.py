@@ -1,11 +1,11 @@
-"""Shard the user tower's P_u table with TorchRec: planner, DMP, gather/load, DCP checkpoints.
+"""Shard the user tower's P_u table with TorchRec: planner, DMP, gather/load of the full table.
 
 DMP wraps the user tower only (the frozen LLM stays outside). The P_u table is placed by the planner under a
 ``ParameterConstraints`` that names one sharding type; its optimizer is fused into the table's backward
 (``apply_optimizer_in_backward``: FBGEMM updates the touched rows while the gradient is computed, so a
 (num_users, dim) gradient is never materialized). Dense parameters are *not* wrapped in DDP here: the
-caller averages their gradients (``average_grads``), one mechanism for the pooling, the projector and the
-bridge LoRA alike.
+caller averages their gradients (``embeddings.replicas.average_grads``), one mechanism for the pooling, the
+projector and the bridge LoRA alike. DCP checkpoint directories are ``embeddings.checkpoints``.
 
 Gradient convention: every table gradient arrives *averaged* over ranks, as DDP's do (TorchRec's
 ``comm_ops`` divide the pooled-embedding gradients by the world size; a ``data_parallel`` table sits in
@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
@@ -53,7 +50,23 @@ from torchrec.distributed.planner.storage_reservations import FixedPercentageSto
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
+# Moved to their own modules (issue 10); re-exported so ``from embeddings.sharding import ...`` keeps working.
+from embeddings.checkpoints import (
+    checkpoint_dir,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from embeddings.replicas import average_grads, broadcast_parameters
 from embeddings.user_state import TABLE
+
+__all__ = [
+    "CPU_SHARDING", "GPU_SHARDING", "TABLE_OPTIMIZERS", "NoDataParallel", "ShardedUserTower", "average_grads",
+    "broadcast_parameters", "checkpoint_dir", "checkpoint_step", "dense_parameters", "gather_user_table",
+    "latest_checkpoint", "load_checkpoint", "load_user_table", "plan_user_table", "save_checkpoint",
+    "shard_user_tower", "table_constraints", "table_optimizer", "table_state_key",
+]
 
 CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
 GPU_SHARDING = (*CPU_SHARDING, "row_wise", "table_row_wise")
@@ -68,7 +81,6 @@ _DENSE_TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
 }
-_CKPT_PREFIX = "step_"
 
 
 @contextlib.contextmanager
@@ -177,7 +189,8 @@ def shard_user_tower(
 
 class ShardedUserTower(nn.Module):
     """A DMP-wrapped tower that still reads like the plain one: ``tower.pooling``, ``tower.table`` (its
-    ``ebc`` sharded), ``tower.fused_optimizer``; calls go through DMP.
+    ``ebc`` sharded), ``tower.fused_optimizer``; calls go through DMP. These three are explicit properties; no
+other attribute is forwarded to the wrapped tower.
 
     Example::
 
@@ -206,11 +219,15 @@ class ShardedUserTower(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.dmp.load_state_dict(state_dict, strict=strict)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.dmp.module, name)
+    @property
+    def pooling(self) -> nn.Module:
+        """The tower's replicated time-aware pooling (the same module DMP runs)."""
+        return self.dmp.module.pooling
+
+    @property
+    def table(self) -> nn.Module:
+        """The tower's P_u table module, its ``ebc`` sharded by DMP."""
+        return self.dmp.module.table
 
 
 def table_optimizer(dmp: nn.Module, optimizer: str, lr: float, eps: float) -> torch.optim.Optimizer | None:
@@ -248,34 +265,6 @@ def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
             state = m.state_dict(keep_vars=True)
             sharded |= {id(p) for n, p in m.named_parameters() if isinstance(state.get(n), ShardedTensor)}
     return [p for p in module.parameters() if p.requires_grad and id(p) not in sharded]
-
-
-def average_grads(params: list[nn.Parameter], pg: dist.ProcessGroup | None = None) -> None:
-    """Average the gradients of replicated parameters over ranks, in one flat buffer (a missing grad is 0)."""
-    world = dist.get_world_size(pg)
-    if world == 1 or not params:
-        return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=pg)
-    flat.div_(world)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
-
-
-def broadcast_parameters(params: list[torch.Tensor], src: int = 0, pg: dist.ProcessGroup | None = None) -> None:
-    """Make replicated parameters bit-identical to rank ``src``'s."""
-    if dist.get_world_size(pg) == 1 or not params:
-        return
-    with torch.no_grad():
-        flat = torch._utils._flatten_dense_tensors([p.data for p in params])
-        dist.broadcast(flat, src=src, group=pg)
-        for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.data for p in params]), strict=True):
-            p.data.copy_(synced)
 
 
 def table_state_key(module: nn.Module) -> str:
@@ -335,67 +324,3 @@ def load_user_table(model: nn.Module, full) -> None:
     for (rs, cs), local in _local_shards(value):
         local.copy_(full[rs, cs])
     model.load_state_dict({key: value}, strict=False)
-
-
-# ---- DCP checkpoints: <root>/step_00000012/ (complete) and <root>/.tmp_step_00000012/ (in progress) ----
-
-
-def checkpoint_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"{_CKPT_PREFIX}{step:08d}"
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (temp dirs of an interrupted save are ignored)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_CKPT_PREFIX)
-                  and (p / ".metadata").exists())
-    return done[-1] if done else None
-
-
-def checkpoint_step(path: str | Path) -> int:
-    return int(Path(path).name[len(_CKPT_PREFIX):])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Save ``state`` (ShardedTensors, tensors, plain objects) with DCP, atomically.
-
-    Every rank writes its shards into ``.tmp_step_N``; after a barrier rank 0 renames it to ``step_N`` (a
-    crash before the rename leaves the previous checkpoint as the latest) and keeps the ``keep`` newest.
-    A collective: every rank must call it with the same ``root`` and ``step``.
-    """
-    root = Path(root)
-    final, tmp = checkpoint_dir(root, step), root / f".tmp_{_CKPT_PREFIX}{step:08d}"
-    rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    dcp.save(state, checkpoint_id=tmp)  # FileSystemWriter fsyncs each file; .metadata is written last
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_CKPT_PREFIX))
-        for old in done[: max(0, len(done) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: str | Path, state: dict) -> dict:
-    """Load a DCP checkpoint into ``state`` in place (tensors and shards are filled; objects replaced)."""
-    dcp.load(state, checkpoint_id=Path(path))
-    return state

