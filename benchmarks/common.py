@@ -19,13 +19,10 @@ Example::
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from embeddings.scorer import DINScorer
+from recsys_tapper.runmeta import run_meta as _project_run_meta
 
 # ---------------------------------------------------------------- reference (the paper's design)
 
@@ -226,46 +224,10 @@ def speedup_pair(times: dict, ref: str, ours: str, rel_err: float | None, **extr
 # ---------------------------------------------------------------- results JSON
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-        )
-        return out.stdout.strip() if out.returncode == 0 else None  # None: not a git checkout
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run_meta(device: str = "cpu") -> dict:
-    """command, git sha, machine and date of this run."""
-    dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "command": " ".join(["python", *sys.argv]),
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_tracked_changes": None if status is None else bool(status),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "device": str(dev),
-            "device_name": name,
-        },
-    }
+    """command, git sha, dirty flag, machine and date of this run: :func:`recsys_tapper.runmeta.run_meta` with
+    the command taken from ``sys.argv`` (the benchmarks' spelling: ``run_meta()``, ``run_meta("cuda:0")``)."""
+    return _project_run_meta(device=device)
 
 
 def _clean(x):

@@ -179,7 +179,7 @@ def main() -> None:
             "load_avg_at_start": [round(x, 2) for x in load_avg],
             "command": f"torchrun --nproc_per_node={world} benchmarks/scale.py {' '.join(sys.argv[1:])}".strip(),
             "git_sha": meta["git_sha"],
-            "git_tracked_changes": meta["git_tracked_changes"],
+            "dirty": meta["dirty"],
             "machine": meta["machine"],
             "date": meta["date"],
             "notes": "CPU, gloo, 1 thread per rank; peak_rss_mb_per_rank is after sharding and the lookups, "

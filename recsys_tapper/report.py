@@ -11,10 +11,11 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def _short_sha(sha: str | None) -> str:
+def _short_sha(sha: str | None, dirty: bool | None = None) -> str:
+    """``abc1234`` or ``abc1234+dirty``: ``dirty`` is run_meta's flag; older files marked it as a sha suffix."""
     if not sha:
         return "–"
-    return sha[:7] + ("+dirty" if sha.endswith("+dirty") else "")
+    return sha[:7] + ("+dirty" if dirty or sha.endswith("+dirty") else "")
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -22,12 +23,13 @@ def write_markdown(result: dict, path: Path) -> None:
         f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries"
         + ("" if result.get("complete") else " (PARTIAL: not every requested method has run yet)"),
         "",
-        (f"Command: `{result.get('command')}` · git `{result.get('git_sha')}` · {result.get('date')} · "
+        (f"Command: `{result.get('command')}` · git `{result.get('git_sha')}`{' (dirty)' if result.get('dirty') else ''} · "
+        f"{result.get('date')} · "
         f"training capped at {result.get('train_examples_per_user')} examples per user, "
         f"{result.get('epochs')} epoch(s)"),
         "",
         *(["Runs that wrote this table: " + "; ".join(
-            f"`{r['command']}` (git {_short_sha(r['git_sha'])}, {r['date']})" for r in result["runs"]), ""]
+            f"`{r['command']}` (git {_short_sha(r['git_sha'], r.get('dirty'))}, {r['date']})" for r in result["runs"]), ""]
           if result.get("runs") else []),
         ("| method | kind | MAE | RMSE | MAE (E) | RMSE (E) | MAE rounded | unparsable | params/user | "
         "params, 1000 users | train s | eval s | git |"),
@@ -39,7 +41,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{_fmt(m.get('mae_expected'))} | {_fmt(m.get('rmse_expected'))} | {_fmt(m.get('mae_rounded'))} | "
             f"{_fmt(m.get('unparsable_frac'), '.3f')} | {m.get('params_per_user', 0):,} | "
             f"{m.get('params_total_1000_users', 0):,} | {_fmt(m.get('train_s'), '.0f')} | {_fmt(m.get('eval_s'), '.0f')} | "
-            f"{_short_sha(m.get('git_sha'))} |"
+            f"{_short_sha(m.get('git_sha'), m.get('dirty'))} |"
         )
     lines += ["", ("MAE/RMSE: argmax answer (LLM methods) or raw real-valued prediction (classical); (E): the "
               "expectation over the label distribution; classical 'rounded' is the prediction rounded half up. "

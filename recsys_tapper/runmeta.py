@@ -1,31 +1,105 @@
-"""command, git sha, machine and date of a run, for every results JSON."""
+"""Provenance of a run, for every results JSON: command, git sha and dirty flag, machine, ISO date.
+
+One writer for the whole project: ``tapper benchmark``, the ``benchmarks/`` scripts (through
+``benchmarks.common.run_meta``) and the sweeps all call :func:`run_meta`. Standard library and torch only, so
+a torch-only machine (``benchmarks/gpu_pq.py``) can import it.
+
+Example::
+
+    meta = run_meta()                      # command = this process's command line
+    meta = run_meta("tapper benchmark results_dir=r", device="cuda:0")
+    meta["git_sha"], meta["dirty"], meta["machine"]["cpu_flags"]     # '9f2c…' (40 hex), False, ['avx2', …]
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
 import platform
+import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+# The CPU features that decide which kernels torch and FBGEMM run (x86 and Arm names, as /proc/cpuinfo has them).
+CPU_FLAGS = ("sse4_2", "fma", "f16c", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def _git(*args: str) -> str | None:
+    """``git args`` in the repository this file belongs to; None outside a checkout or without git."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
 
 def git_sha() -> str | None:
+    """The full sha of HEAD (40 hex digits), or None outside a checkout."""
+    return _git("rev-parse", "HEAD")
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD; None outside a checkout. Changes under ``benchmarks/results``
+    do not count: results files are outputs, not code."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return None if status is None else bool(status)
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, feature flags) from /proc/cpuinfo; the platform's processor name and no flags elsewhere."""
+    name, flags = "", set()
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
-        # results files are outputs, not code: their own changes do not make a run "+dirty"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], check=True, capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and not name:
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or "unknown", flags
 
 
-def run_meta(command: str) -> dict:
+def machine(device: str = "cpu") -> dict:
+    """Where the run computed: platform, CPU model and flags, cores, torch and its thread count, device."""
+    cpu, flags = _cpuinfo()
+    dev = torch.device(device)
     return {
-        "command": command,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernel set torch dispatches to
+        "cpu_count": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu,
+    }
+
+
+def run_meta(command: str | None = None, device: str = "cpu") -> dict:
+    """The provenance block of a results file.
+
+    Args:
+        command: the command that produced the results; None = this process's (``python`` + ``sys.argv``).
+        device: the compute device (``cpu``, ``cuda:0``); a CUDA device's name is recorded.
+
+    Returns:
+        ``{"command", "git_sha" (full, or None), "dirty" (bool, or None outside a checkout), "date" (ISO 8601,
+        UTC, seconds), "machine": machine(device)}``.
+    """
+    return {
+        "command": shlex.join(["python", *sys.argv]) if command is None else command,
         "git_sha": git_sha(),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+        "dirty": git_dirty(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(device),
     }

@@ -1,0 +1,45 @@
+"""run_meta: one provenance block (command, full sha, dirty flag, machine, ISO date) for every results file."""
+
+import datetime as dt
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from recsys_tapper.runmeta import CPU_FLAGS, REPO, run_meta
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_run_meta_records_the_checkout_the_machine_and_the_time():
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    meta = run_meta("tapper demo out_dir=x")
+    assert set(meta) == {"command", "git_sha", "dirty", "date", "machine"}
+    assert meta["command"] == "tapper demo out_dir=x"
+    assert meta["git_sha"] == _git("rev-parse", "HEAD") and len(meta["git_sha"]) == 40
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    assert meta["dirty"] is bool(status)
+    date = dt.datetime.fromisoformat(meta["date"])
+    assert date.tzinfo is not None and before <= date <= dt.datetime.now(dt.timezone.utc)
+    m = meta["machine"]
+    assert m["torch_threads"] == torch.get_num_threads() and m["cpu_count"] == os.cpu_count()
+    assert m["torch"] == torch.__version__ and m["device"] == "cpu"
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        flags = next((set(line.split(":", 1)[1].split()) for line in info.read_text().splitlines()
+                      if line.split(":")[0].strip() in ("flags", "Features")), set())
+        assert m["cpu_flags"] == [f for f in CPU_FLAGS if f in flags]
+
+
+def test_benchmarks_run_meta_is_the_same_block_with_the_command_from_argv():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import run_meta as bench_meta
+
+    meta = bench_meta()
+    assert meta["command"] == shlex.join(["python", *sys.argv])
+    assert set(meta) == set(run_meta("x")) and meta["machine"]["cpu_flags"] == run_meta("x")["machine"]["cpu_flags"]
