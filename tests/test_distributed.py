@@ -22,7 +22,6 @@ Tolerance: losses and rows within atol=1e-5, rtol=1e-4 (float32 sums in another 
 from __future__ import annotations
 
 import socket
-import time
 import uuid
 
 import pytest
@@ -109,10 +108,8 @@ def _initial_table() -> torch.Tensor:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    t0 = time.perf_counter()
     one = launch(_parity_worker, 1, str(tmp_path / "w1"), RUNS_1)[0]
     two = launch(_parity_worker, 2, str(tmp_path / "w2"), RUNS_2)
-    elapsed = time.perf_counter() - t0
 
     ref = {run: r for run, r in zip(RUNS_1, one, strict=True)}
     ref_for = {opt: ref[("table_wise", opt)] for opt in ("rowwise_adagrad", "sgd")}
@@ -143,4 +140,3 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert [r["id"] for r in p2] == [r["id"] for r in p1] and len(p1) == 12
     torch.testing.assert_close(torch.tensor([r["expected"] for r in p2]), torch.tensor([r["expected"] for r in p1]),
                                atol=ATOL, rtol=RTOL)
-    assert elapsed < 120, f"parity runs took {elapsed:.0f} s"
