@@ -5,6 +5,8 @@
     tapper export model_dir=runs/demo/model out=exports/demo dtype=fp32     # fp16 | int8
     tapper import export_dir=exports/demo model_dir=runs/demo/model
     tapper update model_dir=runs/demo/model events=new.parquet [strict=false]
+    tapper serve model_dir=runs/demo/model host=127.0.0.1 port=8000 [max_batch=16 max_wait_ms=5]   # HTTP
+    tapper explain model_dir=runs/demo/model user=405 question="..." [out=explain]   # -> explain.{png,json}
     tapper benchmark ml100k [methods=[tapper,oppu]] [per_user=2]       # every method, side by side
     tapper params [--hidden 576 --layers 30 ... | --model-dir DIR | --paper] --users 1000   (argparse)
     tapper <command> --help                        # that command's options
@@ -82,6 +84,35 @@ def _benchmark(cfg) -> None:
     print(f"{len(result['methods'])} methods written to {bcfg.results_dir}/ml100k.json")
 
 
+def _serve(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from recsys_tapper.http_service import serve
+
+    serve(OmegaConf.to_object(cfg))
+
+
+def _explain(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from recsys_tapper.explain import run_explain
+
+    jpath, ppath = run_explain(OmegaConf.to_object(cfg))
+    print(f"wrote {ppath} and {jpath}")
+
+
+def _register_serve() -> None:
+    from recsys_tapper.http_service import register
+
+    register()
+
+
+def _register_explain() -> None:
+    from recsys_tapper.explain import register
+
+    register()
+
+
 def _register_run() -> None:
     from recsys_tapper.config import register
 
@@ -126,6 +157,10 @@ COMMANDS = {
                "Append new events to a saved model and fine-tune only the affected users' rows."),
     "benchmark": ("benchmark", _benchmark, _register_benchmark, _check_benchmark,
                   "Every method side by side on a target (ml100k); writes results_dir/ml100k.{json,md,png}."),
+    "serve": ("serve", _serve, _register_serve, None,
+              "Serve a saved model over HTTP: batched answers, live events (durable log), users, explain, metrics."),
+    "explain": ("explain", _explain, _register_explain, None,
+                "What the time-aware attention read for one answer: writes <out>.png and <out>.json."),
 }
 
 

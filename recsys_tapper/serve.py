@@ -8,6 +8,10 @@ The history is the user's saved history (``histories.parquet``) unless ``history
 the bank lacks are encoded on the fly (and not kept). The features come from the same FeatureBuilder that
 training used.
 
+``predict_many`` scores several queries in one forward pass (one ``TapperModel.label_probs`` call over the
+collated batch; the HTTP service's batcher uses it). ``add_records`` appends live events to a user's history
+and the record bank in memory, with no training step: the next query reads them through P_q.
+
 Example::
 
     server = Server("runs/demo/model", cold_start="mean")
@@ -15,6 +19,7 @@ Example::
     # {"user_id": "196", "pred": "4", "expected": 3.8, "probs": {...}, "served_by": "pu+pq", ...}
     server.predict("new-user", "...", history_records=[{"id": "a", "text": "Heat (1995)", "score": "5",
                                                         "date": "1997-12-04"}])
+    server.predict_many([Query("196", q1), Query("new-user", q2)])   # one batch, one forward pass
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 from embeddings.cold_start import COLD_START_MODES, cold_start_rows, served_by
+from embeddings.pooling import HISTORY_DT
 from llm_bridge.encoder import TextEncoder
 from recsys_tapper.checkpoint import load_model, read_histories
 from recsys_tapper.data import ProfileRecord, parse_date
@@ -46,6 +52,17 @@ class ServeConfig:
 
     cold_start: str = "zero"
     allow_fingerprint_mismatch: bool = False
+
+
+@dataclass
+class Query:
+    """One question to score: the arguments of :meth:`Server.predict`, for :meth:`Server.predict_many`."""
+
+    user_id: str
+    question: str
+    history_records: Sequence | None = None
+    date: float | str | None = None
+    item_id: str | None = None
 
 
 def cold_start_prefix(model: TapperModel, batch: Batch, bank: torch.Tensor, cold_row: torch.Tensor) -> torch.Tensor:
@@ -111,11 +128,18 @@ class Server:
             recs.sort(key=lambda r: r.date)  # history is in time order
         return recs
 
-    def _history(self, user: str, recs: list[ProfileRecord]) -> tuple[list[int], list[float | None], torch.Tensor]:
-        """Bank rows for the records (unknown ones encoded into extra rows past the bank's end)."""
+    def records(self, user: str, history_records: Sequence | None = None) -> list[ProfileRecord]:
+        """The history a query of ``user`` reads, in time order: ``history_records`` or the user's history,
+        cut to the model's ``max_history`` most recent records."""
+        recs = self._records(user, history_records)
         if self.cfg.model.max_history is not None:
             recs = recs[-self.cfg.model.max_history :] if self.cfg.model.max_history > 0 else []
-        rows, texts = [], []
+        return recs
+
+    def _history(self, user: str, recs: list[ProfileRecord], texts: list[str]) -> tuple[list[int], list[float | None]]:
+        """Bank rows for the records; a record the bank lacks gets row ``len(bank) + len(texts)`` and its text
+        is appended to ``texts`` (shared by every query of one batch; encoded once by the caller)."""
+        rows = []
         n = len(self.bank)
         for r in recs:
             row = self.bank.index.get(record_key(user, r.id))
@@ -123,37 +147,106 @@ class Server:
                 row = n + len(texts)
                 texts.append(self.task.record_text(r.fields))
             rows.append(row)
+        return rows, [r.date for r in recs]
+
+    def sample(self, query: Query, texts: list[str]) -> Sample:
+        """Check one query and build its Sample (unknown history records' texts go to ``texts``)."""
+        if not isinstance(query.user_id, str) or not query.user_id.strip():
+            raise ValueError(f"user_id must be a non-empty string, got {query.user_id!r}")
+        if not isinstance(query.question, str) or not query.question.strip():
+            raise ValueError("question_input is empty")
+        query_day = _day(query.date, "date")
+        rows, days = self._history(query.user_id, self.records(query.user_id, query.history_records), texts)
+        return Sample("predict", query.user_id, rows, days, query_day, query.question, None, query.item_id)
+
+    def batch(self, queries: Sequence[Query]) -> tuple[Batch, torch.Tensor]:
+        """One collated batch for several queries and the bank it indexes: the record bank, plus the rows of
+        history records it lacks, encoded once for the whole batch. -> (Batch of B, (R + new, d))"""
+        texts: list[str] = []
+        samples = [self.sample(q, texts) for q in queries]
         bank = self.bank.vectors
         if texts:
             bank = torch.cat([bank, self.encoder.encode(texts)])  # (R + new, d)
-        return rows, [r.date for r in recs], bank
+        return self.fb.collate(samples, with_labels=False), bank
 
     @torch.no_grad()
+    def predict_many(self, queries: Sequence[Query]) -> list[dict]:
+        """Score several queries in ONE forward pass (one ``label_probs`` call); same answers as ``predict``
+        on each (up to float rounding of the padded batch). Raises on the first bad query."""
+        if not queries:
+            return []
+        batch, bank = self.batch(queries)
+        self.model.eval()
+        probs = self.model.label_probs(batch, bank, self.label_ids, cold_row=self.cold_row)  # (B, n_labels)
+        labels = self.task.labels
+        values = torch.tensor([float(x) for x in labels]) if all(x.isdigit() for x in labels) else None
+        outs = []
+        for i, q in enumerate(queries):
+            p = probs[i]
+            out = {
+                "user_id": q.user_id,
+                "pred": labels[int(p.argmax())],
+                "probs": {lab: float(x) for lab, x in zip(labels, p)},
+                "served_by": served_by(not batch.cold[i], self.cold_start),
+                "n_history": int(batch.history[HISTORY_DT].lengths()[i]),
+                "query_date": _day(q.date, "date"),
+            }
+            if values is not None:
+                out["expected"] = float(p @ values)
+            outs.append(out)
+        return outs
+
     def predict(self, user_id: str, question_input: str, history_records: Sequence | None = None,
                 date: float | str | None = None, item_id: str | None = None) -> dict:
         """Score one question. ``date`` is days since the epoch (a number) or a date string; None = the date
         of the last history record. ``item_id`` keys the item table of a model that has one (None: cold item).
         ``history_records`` override the saved history (dicts with ``id``, the
         task's record fields and an optional ``date``, or ProfileRecords)."""
-        if not isinstance(user_id, str) or not user_id.strip():
-            raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
-        if not isinstance(question_input, str) or not question_input.strip():
-            raise ValueError("question_input is empty")
-        query_day = _day(date, "date")
-        rows, days, bank = self._history(user_id, self._records(user_id, history_records))
-        sample = Sample("predict", user_id, rows, days, query_day, question_input, None, item_id)
-        batch = self.fb.collate([sample], with_labels=False)
-        self.model.eval()
-        probs = self.model.label_probs(batch, bank, self.label_ids, cold_row=self.cold_row)[0]  # (n_labels,)
-        labels = self.task.labels
-        out = {
-            "user_id": user_id,
-            "pred": labels[int(probs.argmax())],
-            "probs": {lab: float(p) for lab, p in zip(labels, probs)},
-            "served_by": served_by(not batch.cold[0], self.cold_start),
-            "n_history": len(rows),
-            "query_date": query_day,
-        }
-        if all(x.isdigit() for x in labels):
-            out["expected"] = float(probs @ torch.tensor([float(x) for x in labels]))
-        return out
+        return self.predict_many([Query(user_id, question_input, history_records, date, item_id)])[0]
+
+    # ------------------------------------------------------------------------------ live history (serving)
+
+    def has_record(self, user: str, record_id: str) -> bool:
+        """Whether ``user`` already holds ``record_id`` (in the bank or the saved history): records are immutable."""
+        return record_key(user, record_id) in self.bank.index or any(
+            r.id == record_id for r in self.histories.get(user, ()))
+
+    def encode_records(self, user_records: Sequence[tuple[str, ProfileRecord]]) -> torch.Tensor:
+        """The bank vectors of (user, record) pairs -> (n, d); nothing is stored (see ``add_records``)."""
+        return self.encoder.encode([self.task.record_text(r.fields) for _, r in user_records])
+
+    def add_records(self, user_records: Sequence[tuple[str, ProfileRecord]], vectors: torch.Tensor | None = None
+                    ) -> None:
+        """Append records to users' histories and to the record bank (in memory; no training step). The next
+        query of such a user reads them through P_q; a user without a row is a cold-start user at once.
+
+        ``vectors`` (n, d) from ``encode_records`` (computed here when None). A record already held is an error
+        and nothing is added."""
+        keys = [record_key(u, r.id) for u, r in user_records]
+        dup = next((k for k, (u, r) in zip(keys, user_records) if self.has_record(u, r.id)), None)
+        if dup is not None or len(set(keys)) != len(keys):
+            raise KeyError(f"record {dup or keys!r} is already held (records are immutable)")
+        if vectors is None:
+            vectors = self.encode_records(user_records)
+        self.bank.add(keys, vectors)
+        by_user: dict[str, list[ProfileRecord]] = {}
+        for u, r in user_records:
+            by_user.setdefault(u, []).append(r)
+        for u, recs in by_user.items():
+            self.histories[u] = merge_history(self.histories.get(u, []), recs)
+
+    def user_info(self, user: str) -> dict:
+        """History length, whether the user has a trained row, and the last event's date (days, or None)."""
+        recs = self.histories.get(user, [])
+        dated = [r.date for r in recs if r.date is not None]
+        return {"user_id": user, "n_history": len(recs), "has_row": self.users.row(user) is not None,
+                "last_event_day": max(dated) if dated else None}
+
+
+def merge_history(old: Sequence[ProfileRecord], new: Sequence[ProfileRecord]) -> list[ProfileRecord]:
+    """Old records then new ones, stably sorted by date when every record has one (history is in time order;
+    the same rule as ``tapper update``)."""
+    merged = list(old) + sorted(new, key=lambda r: (r.date is None, r.date or 0.0))
+    if all(r.date is not None for r in merged):
+        merged.sort(key=lambda r: r.date)
+    return merged
