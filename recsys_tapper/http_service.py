@@ -181,6 +181,26 @@ class Batcher:
                     fut.set_result((res, len(items)))
 
 
+def check_config(cfg: HttpServeConfig) -> None:
+    """Refuse settings that cannot serve, naming the key (an InputError: exit 2 from ``tapper serve``)."""
+    from recsys_tapper.errors import InputError
+
+    lim = cfg.limits
+    bad = [(k, v, need) for k, v, need, ok in [
+        ("max_batch", cfg.max_batch, ">= 1", cfg.max_batch >= 1),
+        ("max_wait_ms", cfg.max_wait_ms, ">= 0", cfg.max_wait_ms >= 0),
+        ("max_body_bytes", cfg.max_body_bytes, ">= 1", cfg.max_body_bytes >= 1),
+        ("port", cfg.port, "in 0..65535", 0 <= cfg.port <= 65535),
+        ("limits.max_text_chars", lim.max_text_chars, ">= 1", lim.max_text_chars >= 1),
+        ("limits.max_events", lim.max_events, ">= 1", lim.max_events >= 1),
+        ("limits.max_history", lim.max_history, ">= 0", lim.max_history >= 0),
+        ("max_seconds", cfg.max_seconds, "> 0 or null", cfg.max_seconds is None or cfg.max_seconds > 0),
+    ] if not ok]
+    if bad:
+        k, v, need = bad[0]
+        raise InputError(f"serve: {k}={v!r} must be {need}")
+
+
 def create_app(cfg: HttpServeConfig, server=None):
     """The FastAPI app, ready to serve: the model is loaded (``server``: an already-loaded
     ``recsys_tapper.serve.Server``, else from ``cfg.model_dir``) and the event log opened and replayed here,
@@ -193,6 +213,7 @@ def create_app(cfg: HttpServeConfig, server=None):
 
     from recsys_tapper.http_handlers import Service, validation_error
 
+    check_config(cfg)
     metrics = Metrics()
     svc = Service.start(cfg, metrics, server)
     state = {"svc": svc}

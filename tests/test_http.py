@@ -386,3 +386,17 @@ def test_get_explain_returns_the_explain_data(model_dir, reference, tmp_path):
         assert g["record_id"] == w["record_id"] and g["days_before_query"] == w["days_before_query"]
         assert g["alpha"] == pytest.approx(w["alpha"], abs=1e-7) and g["din_score"] == pytest.approx(w["din_score"])
     assert got["answer"]["with_prefix"]["probs"] == pytest.approx(want["answer"]["with_prefix"]["probs"], abs=1e-7)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_batch=0", "serve: max_batch=0 must be >= 1"),
+    ("max_wait_ms=-1", "serve: max_wait_ms=-1.0 must be >= 0"),
+    ("limits.max_events=0", "serve: limits.max_events=0 must be >= 1"),
+    ("model_dir=/nonexistent/model", "model_dir /nonexistent/model: not a directory"),
+])
+def test_tapper_serve_refuses_bad_settings_before_listening(model_dir, override, message, capsys):
+    from recsys_tapper.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", f"model_dir={model_dir}", "port=1", "max_seconds=1", override])
+    assert e.value.code == 2 and f"tapper serve: error: {message}" in capsys.readouterr().err
