@@ -119,7 +119,8 @@ def table_constraints(sharding: str, dim: int, world_size: int, device_type: str
         width = dim // world_size
         if dim % world_size or width % 4:
             raise ValueError(f"column_wise needs the row width ({dim}) to split into {world_size} slices "
-                             "whose width is a multiple of 4")
+                             "whose width is a multiple of 4 (with model.warm_start=mf the width is "
+                             "model.warm_start_rank + 1)")
         min_partition = width
     return {TABLE: ParameterConstraints(sharding_types=[sharding], min_partition=min_partition)}
 

@@ -62,6 +62,7 @@ class Checkpointer:
         state = {
             "tower": m.tower.state_dict(),
             "projector": m.projector.state_dict(),
+            **({"items": m.items.state_dict()} if m.items is not None else {}),
             "bridge_lora": {n: p.detach() for n, p in m.lm.named_parameters() if "lora_" in n},
             "dense_optim": _optim_tensors(opt, self.names),
             "table_optim_dp": _optim_tensors(table_opt, self.names),
@@ -99,6 +100,8 @@ class Checkpointer:
         m = self.model
         m.tower.load_state_dict(state["tower"])
         m.projector.load_state_dict(state["projector"])
+        if m.items is not None:
+            m.items.load_state_dict(state["items"])
         if "table_optim" in state:
             m.tower.fused_optimizer.load_state_dict(state["table_optim"])
         sched.load_state_dict(state["sched"])

@@ -87,6 +87,7 @@ from recsys_tapper.pipeline import (
 )
 from recsys_tapper.tasks import RATING, get_task
 from recsys_tapper.users import UserIndex
+from recsys_tapper.warm_start import fit_mf, init_rows, item_index
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,10 @@ def unsharded_model(model: TapperModel, table: torch.Tensor) -> TapperModel:
     user_table = UserStateTable(ucfg)
     with torch.no_grad():
         user_table.weight.copy_(table)
-    return TapperModel(model.lm, UserTower(user_table, pooling), model.projector)
+    out = TapperModel(model.lm, UserTower(user_table, pooling), model.projector, model.prefix_layer, model.trunk,
+                      model.items)
+    out.item_index = model.item_index
+    return out
 
 
 # ---- the job ----
@@ -215,12 +219,20 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
 
     # Stage 2: the tower goes into DMP; everything else is replicated.
     seed_everything(cfg.trainer.seed + 1)
-    if cfg.model.item_dim is not None or cfg.model.warm_start is not None:
-        raise ValueError("model.item_dim and model.warm_start run single-process only for now (tapper demo / "
-                         "tapper benchmark); the torchrun trainer shards the user table alone")
     trunk = build_trunk(cfg.model, lm, task_lora_state)
     lm = add_lora(lm, cfg.model.bridge_lora, first_layer=cfg.model.prefix_layer)
-    model = build_tapper(cfg.model, lm, len(users), trunk=trunk)
+    s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
+    if cfg.model.item_dim is not None:  # the item table is replicated (a dense module), its gradients all-reduced
+        fb.items = item_index(s2)
+    model = build_tapper(cfg.model, lm, len(users), len(fb.items or ()) if cfg.model.item_dim else 0, trunk)
+    model.item_index = fb.items if cfg.model.item_dim is not None else None
+    if cfg.model.warm_start == "mf":  # every rank fits the same seeded MF before the table is sharded
+        mf = fit_mf(train_chosen, cfg.model.warm_start_rank, cfg.trainer.seed, task.output_field or "score")
+        init_rows(model.tower.table.weight, users, mf.users, mf.P, mf.bu)
+        if model.items is not None:
+            init_rows(model.items.table.weight, fb.items, mf.items, mf.Q, mf.bi)
+    if model.items is not None:
+        model.items.to(ctx.device)
     model.projector.to(ctx.device)
     model.tower.pooling.to(ctx.device)
     table_lr = cfg.dist.table_lr if cfg.dist.table_lr is not None else cfg.trainer.lr_user
@@ -229,12 +241,15 @@ def _train(cfg: DistRunConfig, ctx: Ctx, splits) -> dict:
     table_opt = table_optimizer(model.tower, cfg.dist.table_optimizer, table_lr, cfg.dist.table_eps)
     table_param = {id(p) for g in (table_opt.param_groups if table_opt else []) for p in g["params"]}
     tower_dense = [p for p in dense_parameters(model.tower) if id(p) not in table_param]
+    item_up = list(model.items.up.parameters()) if model.items is not None else []
     groups = [
-        {"params": tower_dense + list(model.projector.parameters()), "lr": cfg.trainer.lr_dense},
+        {"params": tower_dense + list(model.projector.parameters()) + item_up, "lr": cfg.trainer.lr_dense},
         {"params": lora_parameters(lm), "lr": cfg.trainer.lr_bridge},
     ]
+    if model.items is not None:  # item rows as the single-process job trains them (user rows: the fused optimizer)
+        groups.append({"params": list(model.items.table.parameters()), "lr": cfg.trainer.lr_user,
+                       "weight_decay": cfg.trainer.wd_user})
     broadcast_parameters([p for g in groups for p in g["params"]])
-    s2 = fb.profile_samples(train_chosen, per_user=cfg.trainer.stage2_per_user, seed=cfg.trainer.seed)
     if cfg.model.projector.standardize_context:  # every rank holds all samples: the same statistics everywhere
         model.projector.fit_context(mean_histories(fb.bank.vectors, s2).to(ctx.device))
     ckpt = Checkpointer(out / "checkpoints", cfg.dist.checkpoint_every, cfg.dist.keep_checkpoints, model, ctx,

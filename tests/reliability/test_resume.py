@@ -51,6 +51,7 @@ def _command(data: Path, out: Path, *extra: str) -> list[str]:
         "model=tiny", "trainer=smoke", "data.source=lamp", f"data.dir={data}", "data.n_users=4",
         "trainer.stage1_examples=8", "trainer.stage1.batch_size=4", "trainer.stage2_per_user=4",
         "trainer.stage2.batch_size=2", "trainer.stage2.epochs=2", "dist.sharding=column_wise",
+        "model.warm_start_rank=7", "model.item_dim=8",  # MF rows of width 8: two column shards (+ item table)
         f"dist.checkpoint_every={EVERY}", "dist.keep_checkpoints=2", f"out_dir={out}", *extra,
     ]
 
