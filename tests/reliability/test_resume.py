@@ -133,7 +133,8 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
     # the saved model/ is the single-process format: it reloads and predicts what the sharded eval predicted
     model, tok, users, bank, cfg = load_model(out_b / "model")
     task = get_task("movielens")
-    fb = FeatureBuilder(tok, TextEncoder(model.lm, tok), task, bank, users, cfg.model.max_prompt_tokens)
+    fb = FeatureBuilder(tok, TextEncoder(model.lm, tok), task, bank, users, cfg.model.max_prompt_tokens,
+                        items=model.item_index)
     preds = json.loads((out_b / "predictions.json").read_text())["tapper"]
     chosen = {p["user"] for p in preds}
     questions, _ = load_lamp(data / "test_questions.json", data / "test_outputs.json", task="movielens")
