@@ -29,5 +29,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that a rename or a new file in it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))

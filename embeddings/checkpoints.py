@@ -20,6 +20,8 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from embeddings.atomic import fsync_dir as _fsync_dir
+
 _CKPT_PREFIX = "step_"
 
 
@@ -41,14 +43,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def checkpoint_step(path: str | Path) -> int:
     """The step a checkpoint directory holds (``step_00000012`` -> 12)."""
     return int(Path(path).name[len(_CKPT_PREFIX):])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(root: str | Path, step: int, state: dict, keep: int = 2) -> Path:

@@ -27,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from embeddings.atomic import fsync_dir as _fsync_dir
 from recsys_tapper.errors import InputError
 
 EVENT_KEYS = ("user_id", "record_id", "text", "label", "day")
@@ -34,14 +35,6 @@ EVENT_KEYS = ("user_id", "record_id", "text", "label", "day")
 
 class EventLogError(InputError):
     """A damaged or locked event log; the message names the file and the line (from 1)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EventLog:
