@@ -8,13 +8,19 @@ and ``ml100k.png`` (MAE per method; classical references drawn as lines).
 
     tapper benchmark ml100k                                  # everything
     tapper benchmark ml100k methods=[non_personalized,tapper] per_user=2
+
+Several invocations may fill one table at the same time (say one per core, each with ``trainer.threads=1`` and
+its own ``methods``): every write happens under a file lock and merges the rows the others wrote since, and
+Stage 1 is trained once (under the lock) and shared through its cache file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,12 +58,15 @@ class BenchmarkConfig(RunConfig):
     """Args:
     target: only ``ml100k`` for now.
     methods: which methods to run (default: all, LLM and classical).
-    per_user: Stage-2 / OPPU training targets per user (most recent records).
+    per_user: Stage-2 training targets per user (most recent records; null: every record after the first,
+        the paper's full-history regime).
     results_dir: where ml100k.json/.md/.png go.
     resume: skip methods already in the results JSON of the same settings (false: start a new table).
     rerun: methods to compute again even when a matching row exists (the other rows are kept).
     rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     paper_per_user: Stage-2 targets per user of ``tapper_paper`` (k = 0 costs ~15x more per example).
+    oppu_per_user: OPPU's training targets per user (a per-user LoRA trained through all layers: the full history
+        would take hours of CPU per epoch).
     """
 
     target: str = "ml100k"
@@ -68,6 +77,7 @@ class BenchmarkConfig(RunConfig):
     rerun: list[str] = field(default_factory=list)
     rag_max_prompt_tokens: int = 192
     paper_per_user: int | None = 2
+    oppu_per_user: int | None = 2
 
 
 ABLATIONS = {
@@ -122,7 +132,7 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
     if name.startswith("rag_"):
         return {"rag_max_prompt_tokens": cfg.rag_max_prompt_tokens}
     if name == "oppu":
-        return asdict(OppuConfig(per_user=cfg.per_user, eval_batch_size=cfg.trainer.eval_batch_size))
+        return asdict(oppu_config(cfg))
     t, m = cfg.trainer, cfg.model
     return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
             "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
@@ -131,6 +141,34 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             "item_dim": m.item_dim, "item_slots": m.item_slots, "warm_start": m.warm_start,
             "warm_start_rank": m.warm_start_rank, "trunk_dtype": m.trunk_dtype,
             "per_user": cfg.paper_per_user if name == "tapper_paper" else cfg.per_user}
+
+
+def oppu_config(cfg: BenchmarkConfig) -> OppuConfig:
+    return OppuConfig(per_user=cfg.oppu_per_user, eval_batch_size=cfg.trainer.eval_batch_size)
+
+
+@contextmanager
+def table_lock(json_path: Path):
+    """An exclusive lock on a results table, held by one invocation at a time (``<table>.lock`` beside it)."""
+    with open(json_path.with_suffix(".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def merge_rows(result: dict, disk: dict, mine: set[str]) -> None:
+    """Take into ``result`` what another invocation of the same table wrote to ``disk``: its rows (except the
+    ones this invocation computed, ``mine``), its runs and the Stage-1 seconds; rows kept in METHOD_NAMES order."""
+    if disk.get("table_started") != result.get("table_started"):
+        return  # another table (an older run replaced by resume=false): nothing of it is ours
+    methods = {**{k: v for k, v in disk.get("methods", {}).items() if k not in mine},
+               **{k: v for k, v in result["methods"].items() if k in mine or k not in disk.get("methods", {})}}
+    result["methods"] = {k: methods[k] for k in sorted(methods, key=METHOD_NAMES.index)}
+    result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
+    if result.get("stage1_s") is None:
+        result["stage1_s"] = disk.get("stage1_s")
 
 
 def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
@@ -144,31 +182,44 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
     if unknown:
         raise InputError(f"unknown methods {unknown}; known: {METHOD_NAMES}")
+    if cfg.trainer.threads:
+        import torch
+
+        torch.set_num_threads(cfg.trainer.threads)
     out_dir = Path(cfg.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "ml100k.json"
     settings = _settings(cfg)
-    result = {"methods": {}}
+    meta = run_meta(command)
+    result = {"methods": {}, "table_started": meta["date"]}
     if cfg.resume and json_path.exists():
         old = json.loads(json_path.read_text())
         if old.get("settings") != settings:  # never overwrite another run's table by accident
             raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
                              "pass results_dir=<another folder> for a new table, or resume=false to replace it")
         old["methods"] = reusable_rows(old["methods"], cfg)
-        result = old
-    meta = run_meta(command)
+        result = {"table_started": old.get("date"), **old}
     # every invocation that wrote to this table, in order; each row also records its own git_sha and date
     keys = ("command", "git_sha", "date")
     runs = result.get("runs") or ([{k: result[k] for k in keys}] if "command" in result else [])
     result.update(meta, runs=[*runs, {k: meta[k] for k in keys}], settings=settings,
                   train_examples_per_user=cfg.per_user, epochs=cfg.trainer.stage2.epochs)
+    mine: set[str] = set()  # the rows this invocation computes (others' rows are merged in, never overwritten)
+
+    def sync() -> None:
+        """Under the lock: merge what other invocations of this table wrote (see merge_rows)."""
+        if json_path.exists():
+            merge_rows(result, json.loads(json_path.read_text()), mine)
 
     def save() -> None:
-        result["complete"] = all(m in result["methods"] for m in CLASSICAL_METHODS + LLM_METHODS)
-        atomic_write_text(json_path, json.dumps(result, indent=2))
-        write_report(result, out_dir)
+        with table_lock(json_path):
+            sync()
+            result["complete"] = all(m in result["methods"] for m in CLASSICAL_METHODS + LLM_METHODS)
+            atomic_write_text(json_path, json.dumps(result, indent=2))
+            write_report(result, out_dir)
 
     todo = [m for m in cfg.methods if m not in result["methods"] or m in cfg.rerun]
+    mine.update(todo)
     cfg.data.n_users = None
     train, test = load_splits(cfg)
     users_all = select_users(test, None)
@@ -188,7 +239,9 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
 
     task = get_task(cfg.task.name)
     cache = out_dir / "ml100k_stage1_lora.safetensors"  # a resume cache, git-ignored
-    lm, tok, fb, stage1_s = stage1_model(cfg, train, train + test, users_all, cache, result.get("stage1_s"))
+    with table_lock(json_path):  # one invocation trains Stage 1; the others wait and load its cache
+        sync()
+        lm, tok, fb, stage1_s = stage1_model(cfg, train, train + test, users_all, cache, result.get("stage1_s"))
     if result.get("stage1_s") is None:
         result["stage1_s"] = stage1_s
         save()
@@ -207,9 +260,9 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
 
     def record(name: str, rows: list[dict], train_s: float, eval_s: float, per_user: int, total_1000: int,
                dev_rows: list[dict] | None = None, **extra):
-        readout, dev = choose_readout(dev_rows) if dev_rows is not None else ("argmax", {})
-        rep = rating_report(rows, readout)
-        extra.update({f"dev_mae_{r}": v for r, v in dev.items()}, readout_chosen_on="dev" if dev else "fixed")
+        readout, rmse_readout, dev = choose_readout(dev_rows) if dev_rows is not None else ("argmax", "argmax", {})
+        rep = rating_report(rows, readout, rmse_readout)
+        extra.update({f"dev_{k}": v for k, v in dev.items()}, readout_chosen_on="dev" if dev else "fixed")
         rep["pred_counts"] = dict(sorted(Counter(r["pred"] for r in rows).items()))  # how answers spread
         result["methods"][name] = {**rep, "kind": "llm", "params_per_user": per_user,
                                    "params_total_1000_users": total_1000, "train_s": train_s, "eval_s": eval_s,
@@ -233,10 +286,11 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
             rows = run_rag(base, fb_rag, test, name, batch_size=cfg.trainer.eval_batch_size)
             record(name, rows, stage1_s, time.perf_counter() - t0, 0, 0)
         elif name == "oppu":
-            ocfg = OppuConfig(per_user=cfg.per_user, eval_batch_size=cfg.trainer.eval_batch_size)
+            ocfg = oppu_config(cfg)
             per = oppu_params_per_user(lm, ocfg.r, ocfg.target_modules)
             rows = run_oppu(lm, fb, train, test_samples, ocfg)
-            record(name, rows, stage1_s + time.perf_counter() - t0, 0.0, per, per * 1000)
+            record(name, rows, stage1_s + time.perf_counter() - t0, 0.0, per, per * 1000,
+                   train_examples_per_user=ocfg.per_user, epochs=ocfg.optim.epochs, prefix_layer=None)
         else:
             vcfg = _variant(cfg, name)
             vcfg.trainer.stage2_per_user = cfg.paper_per_user if name == "tapper_paper" else cfg.per_user
@@ -284,11 +338,17 @@ def stage1_model(cfg: RunConfig, train: list, register: list, users_all: list[st
     return lm, tok, fb, stage1_s
 
 
-def choose_readout(dev_rows: list[dict]) -> tuple[str, dict[str, float]]:
-    """The headline readout of a row: the one with the lowest MAE on the dev queries (ties: argmax, median,
-    expected in that order), and each readout's dev MAE. Test queries never enter the choice."""
-    dev = {r: rating_report(dev_rows, r)["mae"] for r in READOUTS}
-    return min(READOUTS, key=lambda r: (dev[r], READOUTS.index(r))), dev
+def choose_readout(dev_rows: list[dict]) -> tuple[str, str, dict[str, float]]:
+    """The headline readouts of a row: for MAE the readout with the lowest MAE on the dev queries, for RMSE the
+    one with the lowest RMSE (ties: argmax, median, expected in that order), and each readout's dev MAE and
+    RMSE (``mae_median``, ...). Test queries never enter the choice."""
+    reps = {r: rating_report(dev_rows, r) for r in READOUTS}
+    dev = {f"{m}_{r}": reps[r][m] for r in READOUTS for m in ("mae", "rmse")}
+
+    def best(metric: str) -> str:
+        return min(READOUTS, key=lambda r: (reps[r][metric], READOUTS.index(r)))
+
+    return best("mae"), best("rmse"), dev
 
 
 def file_digest(path: Path):

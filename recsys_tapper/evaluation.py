@@ -82,11 +82,14 @@ def median_index(p: torch.Tensor) -> int:
 READOUTS = ("argmax", "median", "expected")
 
 
-def rating_report(rows: Sequence[dict], readout: str = "argmax") -> dict:
+def rating_report(rows: Sequence[dict], readout: str = "argmax", rmse_readout: str | None = None) -> dict:
     """MAE/RMSE of each readout of the label distribution: ``argmax`` (the answer), ``median`` (MAE-optimal)
-    and ``expected`` (the mean, real-valued); ``mae``/``rmse`` are those of ``readout``, named in the report."""
-    if readout not in READOUTS:
-        raise ValueError(f"unknown readout {readout!r}; use one of {READOUTS}")
+    and ``expected`` (the mean, real-valued, RMSE-optimal); ``mae`` is that of ``readout`` and ``rmse`` that of
+    ``rmse_readout`` (default: ``readout``), both named in the report."""
+    rmse_readout = rmse_readout or readout
+    for r in (readout, rmse_readout):
+        if r not in READOUTS:
+            raise ValueError(f"unknown readout {r!r}; use one of {READOUTS}")
     golds = [r["gold"] for r in rows]
     rep = rating_metrics([r["pred"] for r in rows], golds)
     rep.update(mae_argmax=rep["mae"], rmse_argmax=rep["rmse"])
@@ -96,9 +99,11 @@ def rating_report(rows: Sequence[dict], readout: str = "argmax") -> dict:
     if rows and "expected" in rows[0]:
         num = rating_metrics_numeric([r["expected"] for r in rows], [float(g) for g in golds])
         rep.update(mae_expected=num["mae"], rmse_expected=num["rmse"])
-    if f"mae_{readout}" not in rep:
-        raise ValueError(f"readout {readout!r} needs '{readout}' in the prediction rows")
-    rep.update(mae=rep[f"mae_{readout}"], rmse=rep[f"rmse_{readout}"], readout=readout, n=len(rows))
+    for r in (readout, rmse_readout):
+        if f"mae_{r}" not in rep:
+            raise ValueError(f"readout {r!r} needs '{r}' in the prediction rows")
+    rep.update(mae=rep[f"mae_{readout}"], rmse=rep[f"rmse_{rmse_readout}"], readout=readout,
+               rmse_readout=rmse_readout, n=len(rows))
     return rep
 
 

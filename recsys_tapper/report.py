@@ -18,6 +18,12 @@ def _short_sha(sha: str | None, dirty: bool | None = None) -> str:
     return sha[:7] + ("+dirty" if dirty or sha.endswith("+dirty") else "")
 
 
+def _readouts(m: dict) -> str:
+    if m.get("kind") != "llm":
+        return "raw"
+    return f"{m.get('readout', 'argmax')} / {m.get('rmse_readout', m.get('readout', 'argmax'))}"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries"
@@ -31,20 +37,24 @@ def write_markdown(result: dict, path: Path) -> None:
         *(["Runs that wrote this table: " + "; ".join(
             f"`{r['command']}` (git {_short_sha(r['git_sha'], r.get('dirty'))}, {r['date']})" for r in result["runs"]), ""]
           if result.get("runs") else []),
-        ("| method | kind | MAE | RMSE | MAE (E) | RMSE (E) | MAE rounded | unparsable | params/user | "
-        "params, 1000 users | train s | eval s | git |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| method | kind | MAE | RMSE | readout (MAE / RMSE) | MAE (E) | RMSE (E) | MAE rounded | unparsable | "
+         "train targets/user | params/user | params, 1000 users | train s | eval s | git |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
         lines.append(
-            f"| {name} | {m.get('kind')} | {_fmt(m.get('mae'))} | {_fmt(m.get('rmse'))} | "
+            f"| {name} | {m.get('kind')} | {_fmt(m.get('mae'))} | {_fmt(m.get('rmse'))} | {_readouts(m)} | "
             f"{_fmt(m.get('mae_expected'))} | {_fmt(m.get('rmse_expected'))} | {_fmt(m.get('mae_rounded'))} | "
-            f"{_fmt(m.get('unparsable_frac'), '.3f')} | {m.get('params_per_user', 0):,} | "
+            f"{_fmt(m.get('unparsable_frac'), '.3f')} | {_fmt(m.get('train_examples_per_user'), '.1f')} | "
+            f"{m.get('params_per_user', 0):,} | "
             f"{m.get('params_total_1000_users', 0):,} | {_fmt(m.get('train_s'), '.0f')} | {_fmt(m.get('eval_s'), '.0f')} | "
             f"{_short_sha(m.get('git_sha'), m.get('dirty'))} |"
         )
-    lines += ["", ("MAE/RMSE: argmax answer (LLM methods) or raw real-valued prediction (classical); (E): the "
-              "expectation over the label distribution; classical 'rounded' is the prediction rounded half up. "
+    lines += ["", ("MAE/RMSE: LLM methods read the label distribution by the readout named beside them (argmax: the "
+              "answer; median: the MAE-optimal label; expected: the real-valued mean), chosen per metric on the dev "
+              "queries, never on test ('fixed': argmax, for rows without dev predictions); classical methods give "
+              "a raw real-valued prediction. (E): the expectation over the label distribution; classical 'rounded' "
+              "is the prediction rounded half up. "
               "git: the commit that made the row (a resumed run reuses a row only when every setting it depends "
               "on is unchanged; each row's settings are in ml100k.json); +dirty: uncommitted changes in the tree. "
               "OPPU trains and scores user by user: its train s includes its evaluation.")]

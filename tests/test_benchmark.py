@@ -81,16 +81,56 @@ def test_model_and_prompt_settings_decide_reuse_too():
     assert _settings(cfg) != _settings(longer)  # every LLM row depends on the prompt budget
 
 
-def test_readout_is_chosen_on_dev_rows_by_mae():
+def test_readouts_are_chosen_on_dev_rows_per_metric():
     from recsys_tapper.benchmark import choose_readout
 
     dev = [{"gold": "4", "pred": "5", "median": "4", "expected": 4.4},
            {"gold": "2", "pred": "3", "median": "3", "expected": 2.5}]
-    readout, maes = choose_readout(dev)
-    assert maes == {"argmax": 1.0, "median": 0.5, "expected": pytest.approx(0.45)}
-    assert readout == "expected"
+    readout, rmse_readout, dev_metrics = choose_readout(dev)
+    assert {k: v for k, v in dev_metrics.items() if k.startswith("mae_")} == {
+        "mae_argmax": 1.0, "mae_median": 0.5, "mae_expected": pytest.approx(0.45)}
+    assert dev_metrics["rmse_expected"] == pytest.approx(((0.16 + 0.25) / 2) ** 0.5)
+    assert (readout, rmse_readout) == ("expected", "expected")
+    # MAE favours the median, RMSE the expectation: each metric gets its own readout
+    dev = [{"gold": "5", "pred": "4", "median": "5", "expected": 3.8},
+           {"gold": "5", "pred": "4", "median": "5", "expected": 3.8},
+           {"gold": "1", "pred": "4", "median": "5", "expected": 3.8}]
+    readout, rmse_readout, dev_metrics = choose_readout(dev)
+    assert dev_metrics["mae_median"] == pytest.approx(4 / 3) and dev_metrics["mae_expected"] == pytest.approx(1.733, abs=1e-3)
+    assert dev_metrics["rmse_median"] == pytest.approx((16 / 3) ** 0.5)
+    assert dev_metrics["rmse_expected"] == pytest.approx(((1.2**2 * 2 + 2.8**2) / 3) ** 0.5)
+    assert (readout, rmse_readout) == ("median", "expected")
     tie = [{"gold": "4", "pred": "4", "median": "4", "expected": 4.0}]
-    assert choose_readout(tie)[0] == "argmax"
+    assert choose_readout(tie)[:2] == ("argmax", "argmax")
+
+
+def test_rating_report_takes_a_readout_per_metric():
+    from recsys_tapper.evaluation import rating_report
+
+    rows = [{"gold": "5", "pred": "4", "median": "5", "expected": 3.5}]
+    rep = rating_report(rows, "median", "expected")
+    assert (rep["mae"], rep["rmse"], rep["readout"], rep["rmse_readout"]) == (0.0, 1.5, "median", "expected")
+    assert rating_report(rows, "argmax")["rmse_readout"] == "argmax"
+
+
+def test_concurrent_invocations_merge_rows():
+    """Two invocations of one table: each write keeps the other's rows, never overwrites them, and ignores a
+    table that another run started (resume=false)."""
+    from recsys_tapper.benchmark import merge_rows
+
+    run_a, run_b = {"command": "a"}, {"command": "b"}
+    disk = {"table_started": "t0", "stage1_s": 99.0, "runs": [run_a],
+            "methods": {"tapper": {"mae": 0.8}, "user_mean": {"mae": 0.9}}}
+    mine = {"tapper_no_time", "user_mean"}
+    result = {"table_started": "t0", "runs": [run_a, run_b],
+              "methods": {"user_mean": {"mae": 0.95}, "tapper_no_time": {"mae": 0.85}}}
+    merge_rows(result, disk, mine)
+    assert result["methods"] == {"user_mean": {"mae": 0.95}, "tapper": {"mae": 0.8}, "tapper_no_time": {"mae": 0.85}}
+    assert list(result["methods"]) == ["user_mean", "tapper", "tapper_no_time"]  # METHOD_NAMES order
+    assert result["runs"] == [run_a, run_b] and result["stage1_s"] == 99.0
+    other = {"table_started": "t1", "methods": {"oppu": {"mae": 1.1}}, "runs": [{"command": "c"}]}
+    merge_rows(result, other, mine)
+    assert "oppu" not in result["methods"] and result["runs"] == [run_a, run_b]
 
 
 def test_late_prefix_settings_decide_reuse():
