@@ -14,7 +14,7 @@
     python -m recsys_tapper demo ...
 
 Each command composes its Hydra config (configs/<command>.yaml) and calls an importable function
-(``recsys_tapper.pipeline.run``, ...) through ``recsys_tapper.runner.execute``. Bad input (a file, record,
+(``recsys_tapper.job.run``, ...) through ``recsys_tapper.runner.execute``. Bad input (a file, record,
 field or config value) prints a few plain lines on stderr and exits 2; ``--debug`` or ``TAPPER_DEBUG=1``
 shows the traceback. This module imports nothing heavy, so ``tapper --help`` is quick.
 """
@@ -33,7 +33,8 @@ __all__ = ["COMMANDS", "CONFIG_DIR", "main"]
 def _demo(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from recsys_tapper.pipeline import format_table, run
+    from recsys_tapper.job import run
+    from recsys_tapper.pipeline import format_table
 
     run_cfg = OmegaConf.to_object(cfg)
     result = run(run_cfg)

@@ -81,6 +81,10 @@ class TrainerConfig:
     stage1_examples: non-personalized (query -> answer) pairs from *other* users for the task LoRA.
     stage2_per_user: most recent profile records per user used as Stage-2 targets (None = all).
     lr_user / lr_dense / lr_bridge: Stage-2 learning rates of P_u rows, scorer+projection, bridge LoRA.
+    table_optimizer: the P_u rows' optimizer, the same locally and under torchrun: adamw (in the job's AdamW,
+        lr_user, wd_user, scheduled and clipped; torchrun: dist.sharding=data_parallel) | rowwise_adagrad |
+        adagrad | sgd (FBGEMM's fused update under torchrun, its twin locally: constant table_lr, no decay or
+        clipping). table_lr: None = lr_user. table_eps: the Adagrad epsilon.
     eval_max_new_tokens: greedy decoding budget for classification and generation tasks.
 
     The paper trains 3 epochs at lr 1e-4 to 2e-4. A CPU run affords about a hundred steps per stage, so the
@@ -97,6 +101,9 @@ class TrainerConfig:
     lr_dense: float = 3e-3
     lr_bridge: float = 1e-3
     wd_user: float = 0.01
+    table_optimizer: str = "adamw"
+    table_lr: float | None = None
+    table_eps: float = 1e-8
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 32
 
