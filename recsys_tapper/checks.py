@@ -4,6 +4,7 @@ has loaded (or deep inside a run with a message that names neither key nor file)
 Data files themselves are validated by the loaders (``recsys_tapper.data``); here only their presence::
 
     check_run_config(cfg)   # InputError: data.dir /data/LaMP_3: missing dev_outputs.json (found: ...)
+    check_evaluate_config(cfg)   # InputError: model_dir runs/x/model: no such directory (...)
 """
 
 from __future__ import annotations
@@ -78,3 +79,36 @@ def check_benchmark_config(cfg) -> None:
     if unknown:
         raise InputError(f"methods/rerun: unknown {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
     check_run_config(cfg)
+
+
+def check_evaluate_config(cfg) -> None:
+    """``tapper evaluate``: ``model_dir`` is a saved model, ``batch_size`` is positive, ``data.source`` is known
+    and, for ``lamp``, ``data.dir`` holds the split's questions file (its outputs file is optional).
+
+    Args:
+        cfg: an ``EvaluateConfig``.
+
+    Raises:
+        InputError: naming the key and the path.
+    """
+    m = Path(cfg.model_dir)
+    if not (m / "manifest.json").is_file():
+        what = "no manifest.json; not a recsys-tapper model directory" if m.is_dir() else "no such directory"
+        raise InputError(f"model_dir {m}: {what} (a demo saves its model to <out_dir>/model)")
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise InputError(f"{key} {getattr(cfg, key)} must be at least 1 (or null: the model's own)")
+    if cfg.data.source not in DATA_SOURCES:
+        raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    if cfg.data.source != "lamp":
+        return
+    if not cfg.data.dir:
+        raise InputError("data.source=lamp needs data.dir, the folder with the LaMP JSON files")
+    d = Path(cfg.data.dir)
+    if not d.is_dir():
+        raise InputError(f"data.dir {d}: no such directory")
+    split = cfg.data.split or cfg.data.test_split
+    if not (d / f"{split}_questions.json").is_file():
+        found = sorted(p.name for p in d.glob("*.json"))
+        raise InputError(f"data.dir {d}: missing {split}_questions.json (data.split={split}; .json files there: "
+                         f"{', '.join(found) or 'none'})")

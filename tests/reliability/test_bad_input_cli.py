@@ -258,7 +258,7 @@ def test_top_level_help_imports_nothing_heavy():
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "commands: demo, export, import, update, benchmark, serve, explain, params" in proc.stdout
+    assert "commands: demo, evaluate, export, import, update, benchmark, serve, explain, params" in proc.stdout
 
 
 def test_command_help_shows_only_that_commands_options(capsys):
