@@ -27,6 +27,9 @@ class ModelConfig:
         k > 0 the frozen layers below k run once per distinct prompt (``llm_bridge.trunk.TrunkCache``) and the
         bridge LoRA sits on layers >= k only.
     trunk_dtype / trunk_max_bytes: storage of the cached trunk states (past the bound they spill to disk).
+    readout / rmse_readout: how a rating answer is read from the label distribution for MAE and for RMSE
+        (argmax | median | expected); the job sets them to what scores best on the dev questions and saves
+        them with the model, so ``tapper evaluate`` reports what the training run reported.
     item_dim: width of an item-table row keyed by the query's item id (None = no item table; tasks whose
         questions name no item, such as LaMP, have none); ``item_slots`` prefix slots come from it.
     warm_start: ``mf`` initialises user rows (and item rows) as ``[p_u, b_u]`` (``[q_i, b_i]``) of a biased MF
@@ -46,6 +49,8 @@ class ModelConfig:
     prefix_layer: int = 0
     trunk_dtype: str = "float32"
     trunk_max_bytes: int = 2 << 30
+    readout: str = "argmax"
+    rmse_readout: str = "argmax"
     item_dim: int | None = None
     item_slots: int = 1
     warm_start: str | None = None

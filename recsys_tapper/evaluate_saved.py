@@ -149,7 +149,7 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
     batch_size = cfg.batch_size or saved.trainer.eval_batch_size
     prefill_trunk(model.trunk, fb, samples, with_labels=False, desc="trunk cache, prompts")
     t0 = time.perf_counter()
-    if task.kind == RATING:  # as pipeline.evaluate, which the demo scores with
+    if task.kind == RATING:  # as job.score, which the demo scores with
         rows = predict_labels(model, fb, samples, task.labels, batch_size=batch_size, desc="evaluate")
     else:
         rows = predict_texts(model, fb, samples, cfg.max_new_tokens or saved.trainer.eval_max_new_tokens,
@@ -159,7 +159,8 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
     served = {"row": sum(not r["cold"] for r in rows), "cold": sum(r["cold"] for r in rows)}
     methods = {}
     if has_golds:
-        methods["tapper"] = {**task_report(task, rows), "params_per_user": model.tower.table.cfg.dim,
+        readouts = (saved.model.readout, saved.model.rmse_readout)  # as the training run chose on dev questions
+        methods["tapper"] = {**task_report(task, rows, readouts), "params_per_user": model.tower.table.cfg.dim,
                              "train_s": 0.0, "eval_s": eval_s, "wall_s": eval_s}
     result = {
         "task": task.name,

@@ -210,6 +210,8 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
     if evaluate:
         prefill_trunk(trunk, fb, test_samples + dev_samples, with_labels=False, desc="trunk cache, test prompts")
         tp_rep, tp_rows, tp_eval_s = score(ex, model, fb, test_samples, task, cfg, "eval TAP-PER", dev_samples)
+        if tp_rep and "rmse_readout" in tp_rep:  # the readouts chosen on dev questions travel with the model
+            cfg.model.readout, cfg.model.rmse_readout = tp_rep["readout"], tp_rep["rmse_readout"]
     rows = ex.gather_rows(model)  # a collective under torchrun: every rank calls it
 
     user_dim = rows.shape[1] if rows is not None else model.tower.table.cfg.dim
