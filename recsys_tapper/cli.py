@@ -38,6 +38,8 @@ def _demo(cfg) -> None:
     from recsys_tapper.pipeline import format_table
 
     run_cfg = OmegaConf.to_object(cfg)
+    if run_cfg.expected_duration and len(sys.argv) == 1:  # `make demo`: the measured duration of these settings
+        print(f"tapper demo: expected duration {run_cfg.expected_duration}", flush=True)
     result = run(run_cfg)
     print(format_table(result))
     print(f"wrote {Path(run_cfg.out_dir) / 'metrics.json'}")

@@ -115,11 +115,17 @@ class TrainerConfig:
 
 @dataclass
 class RunConfig:
+    """Args:
+    expected_duration: printed when ``tapper demo`` starts without overrides (configs/demo.yaml: the measured
+        wall time of ``make demo``); None prints nothing.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     out_dir: str = "runs/demo"
+    expected_duration: str | None = None
 
 
 def register() -> None:

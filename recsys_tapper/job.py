@@ -88,7 +88,7 @@ def train_stage1(cfg: RunConfig, lm, fb: FeatureBuilder, train: list[LampExample
         ex.broadcast(lora)
         losses, _ = ex.train(TapperModel(lm, None, None), s1, ex.features(fb), [{"params": lora}],
                              cfg.trainer.stage1, desc="stage 1 (task LoRA)")
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(lm).items()}
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(lm).items()}
     if store and not reuse and ex.is_main:
         atomic_write_bytes(lora_file, save_safetensors(state))
         atomic_write_text(conf_file, ex.fingerprint)  # last: marks the LoRA above as complete
