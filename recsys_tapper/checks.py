@@ -54,19 +54,24 @@ def check_run_config(cfg) -> None:
     if cfg.data.source not in DATA_SOURCES:
         raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
     check_table_optimizer(cfg.trainer.table_optimizer, getattr(getattr(cfg, "dist", None), "sharding", None))
-    if cfg.data.source != "lamp":
-        return
-    if not cfg.data.dir:
+    if cfg.data.source == "lamp":
+        need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
+        _check_lamp_dir(cfg.data.dir, need, f"data.train_split={cfg.data.train_split}, "
+                                            f"data.test_split={cfg.data.test_split}")
+
+
+def _check_lamp_dir(data_dir: str | None, need: list[str], splits: str) -> None:
+    """``data.dir`` is set, exists and holds the files ``need`` (named when missing, with what is there)."""
+    if not data_dir:
         raise InputError("data.source=lamp needs data.dir, the folder with the LaMP JSON files")
-    d = Path(cfg.data.dir)
+    d = Path(data_dir)
     if not d.is_dir():
         raise InputError(f"data.dir {d}: no such directory")
-    need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
     missing = [name for name in need if not (d / name).is_file()]
     if missing:
         found = sorted(p.name for p in d.glob("*.json"))
-        raise InputError(f"data.dir {d}: missing {', '.join(missing)} (data.train_split={cfg.data.train_split}, "
-                         f"data.test_split={cfg.data.test_split}; .json files there: {', '.join(found) or 'none'})")
+        raise InputError(f"data.dir {d}: missing {', '.join(missing)} ({splits}; .json files there: "
+                         f"{', '.join(found) or 'none'})")
 
 
 def check_benchmark_config(cfg) -> None:
@@ -100,15 +105,6 @@ def check_evaluate_config(cfg) -> None:
             raise InputError(f"{key} {getattr(cfg, key)} must be at least 1 (or null: the model's own)")
     if cfg.data.source not in DATA_SOURCES:
         raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
-    if cfg.data.source != "lamp":
-        return
-    if not cfg.data.dir:
-        raise InputError("data.source=lamp needs data.dir, the folder with the LaMP JSON files")
-    d = Path(cfg.data.dir)
-    if not d.is_dir():
-        raise InputError(f"data.dir {d}: no such directory")
-    split = cfg.data.split or cfg.data.test_split
-    if not (d / f"{split}_questions.json").is_file():
-        found = sorted(p.name for p in d.glob("*.json"))
-        raise InputError(f"data.dir {d}: missing {split}_questions.json (data.split={split}; .json files there: "
-                         f"{', '.join(found) or 'none'})")
+    if cfg.data.source == "lamp":
+        split = cfg.data.split or cfg.data.test_split
+        _check_lamp_dir(cfg.data.dir, [f"{split}_questions.json"], f"data.split={split}")
