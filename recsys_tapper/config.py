@@ -82,6 +82,9 @@ class TrainerConfig:
     stage2_per_user: most recent profile records per user used as Stage-2 targets (None = all).
     lr_user / lr_dense / lr_bridge: Stage-2 learning rates of P_u rows, scorer+projection, bridge LoRA.
     eval_max_new_tokens: greedy decoding budget for classification and generation tasks.
+    class_readout: how classification tasks answer (``recsys_tapper.label_scoring``): ``label_set`` (the best
+        label by length-normalised log-likelihood), ``generate`` (greedy decoding, exact match) or ``both``
+        (label_set is the answer, generation reported beside it as ``accuracy_generate``, ``f1_generate``, ...).
 
     The paper trains 3 epochs at lr 1e-4 to 2e-4. A CPU run affords about a hundred steps per stage, so the
     defaults are one epoch at higher rates (picked on the MovieLens validation queries, never on test).
@@ -99,6 +102,7 @@ class TrainerConfig:
     wd_user: float = 0.01
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 32
+    class_readout: str = "both"
 
 
 @dataclass

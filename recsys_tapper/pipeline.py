@@ -34,8 +34,9 @@ from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_text
+from recsys_tapper.label_scoring import classify
 from recsys_tapper.model import TapperModel
-from recsys_tapper.tasks import RATING, get_task
+from recsys_tapper.tasks import CLASSIFICATION, RATING, get_task
 from recsys_tapper.training import train_loop
 from recsys_tapper.users import UserIndex
 from recsys_tapper.warm_start import fit_mf, init_rows, item_index
@@ -152,9 +153,14 @@ def prefill_trunk(trunk: TrunkCache | None, fb: FeatureBuilder, samples: list[Sa
         trunk.states(rows[i : i + step])
 
 
-def evaluate(model, fb, samples, task, batch_size, desc, max_new_tokens: int = 32) -> tuple[dict, list[dict], float]:
-    """Rating tasks: one forward pass over the label tokens; classification/generation: greedy decoding."""
+def evaluate(model, fb, samples, task, batch_size, desc, max_new_tokens: int = 32,
+             class_readout: str = "both") -> tuple[dict, list[dict], float]:
+    """Rating tasks: one forward pass over the label tokens; classification: ``label_scoring.classify`` under
+    ``class_readout``; generation: greedy decoding."""
     t0 = time.perf_counter()
+    if task.kind == CLASSIFICATION:
+        rep, rows = classify(model, fb, samples, task, class_readout, batch_size, desc, max_new_tokens)
+        return rep, rows, time.perf_counter() - t0
     if task.kind == RATING:
         rows = predict_labels(model, fb, samples, task.labels, batch_size=batch_size, desc=desc)
     else:
@@ -266,13 +272,13 @@ def run(cfg: RunConfig, splits: tuple[list[LampExample], list[LampExample]] | No
     base = TapperModel(lm, None, None)
     new_tokens = cfg.trainer.eval_max_new_tokens
     np_rep, np_rows, np_eval_s = evaluate(base, fb, test_samples, task, cfg.trainer.eval_batch_size,
-                                          "eval non-personalized", new_tokens)
+                                          "eval non-personalized", new_tokens, cfg.trainer.class_readout)
     trunk = build_trunk(cfg.model, lm, task_lora_state)
     model, s2, losses, stage2_s = train_stage2(cfg, lm, fb, users, train_chosen, trunk,
                                                resume=Path(cfg.out_dir) / "stage2_resume.safetensors")
     prefill_trunk(trunk, fb, test_samples, with_labels=False, desc="trunk cache, test prompts")
     tp_rep, tp_rows, tp_eval_s = evaluate(model, fb, test_samples, task, cfg.trainer.eval_batch_size, "eval TAP-PER",
-                                          new_tokens)
+                                          new_tokens, cfg.trainer.class_readout)
 
     user_dim = model.tower.table.cfg.dim
     result = {
