@@ -91,6 +91,9 @@ class TrainerConfig:
         adagrad | sgd (FBGEMM's fused update under torchrun, its twin locally: constant table_lr, no decay or
         clipping). table_lr: None = lr_user. table_eps: the Adagrad epsilon.
     eval_max_new_tokens: greedy decoding budget for classification and generation tasks.
+    class_readout: how classification tasks answer (``recsys_tapper.label_scoring``): ``label_set`` (the best
+        label by length-normalised log-likelihood), ``generate`` (greedy decoding, exact match) or ``both``
+        (label_set is the answer, generation reported beside it as ``accuracy_generate``, ``f1_generate``, ...).
 
     The paper trains 3 epochs at lr 1e-4 to 2e-4. A CPU run affords about a hundred steps per stage, so the
     defaults are one epoch at higher rates (picked on the MovieLens validation queries, never on test).
@@ -111,6 +114,7 @@ class TrainerConfig:
     table_eps: float = 1e-8
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 32
+    class_readout: str = "both"
 
 
 @dataclass

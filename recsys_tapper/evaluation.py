@@ -1,9 +1,10 @@
 """Prediction and scoring on question samples.
 
 For rating tasks one forward pass reads the next-token distribution over the labels "1".."5": the argmax is
-the answer and the expectation is reported beside it. Classification and generation tasks answer by greedy
-decoding (LaMP's rule: a class answer outside the label set is wrong), scored with accuracy/macro-F1 or
-ROUGE-1/ROUGE-L.
+the answer and the expectation is reported beside it. Generation tasks answer by greedy decoding, scored with
+ROUGE-1/ROUGE-L. Classification tasks answer by label-set scoring (``recsys_tapper.label_scoring``) or, as an
+option, by greedy decoding (``predict_texts``; LaMP's rule: a class answer outside the label set is wrong), scored
+with accuracy/macro-F1.
 
 Example::
 
@@ -140,8 +141,9 @@ def predict_texts(
 
 
 def task_report(task: Task, rows: Sequence[dict], readouts: tuple[str, str] = ("argmax", "argmax")) -> dict:
-    """The task's LaMP metrics over prediction rows (``predict_labels`` or ``predict_texts``); rating tasks
-    report MAE by ``readouts[0]`` and RMSE by ``readouts[1]`` (see ``rating_report``)."""
+    """The task's LaMP metrics over prediction rows (``predict_labels``, ``predict_texts`` or
+    ``label_scoring.predict_label_set``); rating tasks report MAE by ``readouts[0]`` and RMSE by ``readouts[1]``
+    (see ``rating_report``)."""
     if any(r["gold"] is None for r in rows):
         raise ValueError(f"task {task.name}: {sum(r['gold'] is None for r in rows)} questions have no gold output")
     if task.kind == RATING:

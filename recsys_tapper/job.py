@@ -46,6 +46,7 @@ from recsys_tapper.evaluation import choose_readout, predict_labels, predict_tex
 from recsys_tapper.executors import Executor, LocalExecutor
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
+from recsys_tapper.label_scoring import class_report, classify_rows
 from recsys_tapper.model import TapperModel
 from recsys_tapper.pipeline import (
     data_report,
@@ -59,7 +60,7 @@ from recsys_tapper.pipeline import (
     stage1_samples,
 )
 from recsys_tapper.runmeta import run_meta
-from recsys_tapper.tasks import RATING, get_task
+from recsys_tapper.tasks import CLASSIFICATION, RATING, get_task
 from recsys_tapper.users import UserIndex
 from recsys_tapper.warm_start import fit_mf, init_rows, item_index
 
@@ -156,10 +157,13 @@ def score(ex: Executor, model: TapperModel, fb: FeatureBuilder, samples, task, c
     ``dev``: rating tasks' dev questions (answers never trained on): the headline MAE and RMSE readouts are the
     ones that score best there (``choose_readout``), reported with their dev metrics; without: argmax."""
     t0 = time.perf_counter()
-    feats, bs = ex.features(fb), cfg.trainer.eval_batch_size
+    feats, bs, new = ex.features(fb), cfg.trainer.eval_batch_size, cfg.trainer.eval_max_new_tokens
     if task.kind == RATING:
         def fn(part):
             return predict_labels(model, feats, part, task.labels, batch_size=bs, desc=desc)
+    elif task.kind == CLASSIFICATION:  # label-set scoring (+ greedy decoding beside it, trainer.class_readout)
+        def fn(part):
+            return classify_rows(model, feats, part, task, cfg.trainer.class_readout, bs, desc, new)
     else:
         def fn(part):
             return predict_texts(model, feats, part, cfg.trainer.eval_max_new_tokens, batch_size=bs, desc=desc)
@@ -168,6 +172,8 @@ def score(ex: Executor, model: TapperModel, fb: FeatureBuilder, samples, task, c
     dev_rows = ex.predict(fn, list(dev)) if dev else None
     if rows is None:
         return None, None, seconds
+    if task.kind == CLASSIFICATION:
+        return class_report(task, rows, cfg.trainer.class_readout), rows, seconds
     readout, rmse_readout, dev_metrics = choose_readout(dev_rows) if dev_rows else ("argmax", "argmax", {})
     rep = task_report(task, rows, (readout, rmse_readout))
     return {**rep, **{f"dev_{k}": v for k, v in dev_metrics.items()}, "n_dev": len(dev)}, rows, seconds
