@@ -30,8 +30,9 @@ from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.evaluation import predict_labels, rating_report
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
+from recsys_tapper.job import train_stage2
 from recsys_tapper.model import TapperModel
-from recsys_tapper.pipeline import load_splits, select_users, train_stage2
+from recsys_tapper.pipeline import load_splits, select_users
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -100,7 +101,7 @@ def main() -> None:
     for name in args.settings:
         vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), SETTINGS[name]))
         vcfg.trainer.stage2_per_user = args.per_user
-        model, s2, losses, train_s = train_stage2(vcfg, lm, fb, users, dev_users)
+        model, s2, losses, train_s, _ = train_stage2(vcfg, lm, fb, users, dev_users)
         t0 = time.perf_counter()
         rows = predict_labels(model, fb, samples, task.labels, 32, desc=name)
         result["settings"][name] = {

@@ -28,7 +28,8 @@ from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.build import build_trunk
 from recsys_tapper.evaluation import predict_labels, rating_report
 from recsys_tapper.io import atomic_write_text
-from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users, train_stage2
+from recsys_tapper.job import train_stage2
+from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
 
@@ -77,7 +78,7 @@ def main() -> None:
             trunks[key] = build_trunk(vcfg.model, lm, {"stage1": load_stage1(cache)})
         trunk = trunks[key]
         t0 = time.perf_counter()
-        model, s2, losses, stage2_s = train_stage2(vcfg, lm, fb, fb.users, dev, trunk)
+        model, s2, losses, stage2_s, _ = train_stage2(vcfg, lm, fb, fb.users, dev, trunk)
         samples = fb.question_samples(dev)
         prefill_trunk(trunk, fb, samples, with_labels=False, desc="trunk cache, dev prompts")
         t1 = time.perf_counter()

@@ -31,10 +31,11 @@ from llm_bridge.encoder import TextEncoder
 from llm_bridge.generation import greedy_generate
 from llm_bridge.inject import prepend_prefix
 from recsys_tapper.baselines.rag import rag_samples
+from recsys_tapper.build import build_tapper
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import build_movielens_lamp, load_lamp
 from recsys_tapper.features import FeatureBuilder
-from recsys_tapper.pipeline import build_tapper, select_users
+from recsys_tapper.pipeline import select_users
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 

@@ -27,11 +27,12 @@ from llm_bridge.backbone import BackboneConfig, load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import LoraSpec, add_lora, lora_parameters
 from recsys_tapper.baselines.oppu import lora_named_parameters, reset_lora
+from recsys_tapper.build import build_tapper
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import build_movielens_lamp, load_lamp
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.model import TapperModel
-from recsys_tapper.pipeline import build_tapper, select_users
+from recsys_tapper.pipeline import select_users
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 

@@ -236,8 +236,16 @@ def table_optimizer(dmp: nn.Module, optimizer: str, lr: float, eps: float) -> to
     w = _table_param(dmp)
     if w is None:
         return None
+    return dense_table_optimizer([w], optimizer, lr, eps)
+
+
+def dense_table_optimizer(params: list[torch.Tensor], optimizer: str, lr: float, eps: float) -> torch.optim.Optimizer:
+    """The non-fused twin of FBGEMM's fused update ``optimizer`` (rowwise_adagrad | adagrad | sgd) over
+    ``params``: a data_parallel table's optimizer, and a single-process table's."""
+    if optimizer not in _DENSE_TABLE_OPTIMIZERS:
+        raise ValueError(f"no dense table optimizer {optimizer!r}; use one of {sorted(_DENSE_TABLE_OPTIMIZERS)}")
     kwargs = {"lr": lr} if optimizer == "sgd" else {"lr": lr, "eps": eps}
-    return _DENSE_TABLE_OPTIMIZERS[optimizer]([w], **kwargs)
+    return _DENSE_TABLE_OPTIMIZERS[optimizer](params, **kwargs)
 
 
 def _dmp_of(module: nn.Module) -> DistributedModelParallel:

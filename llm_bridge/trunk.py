@@ -46,30 +46,42 @@ def num_layers(lm) -> int:
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, S) 1/0 key mask -> (B, 1, S, S) additive causal mask (0 where allowed, dtype-min elsewhere)."""
-    s = attention_mask.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()  # (S, S)
-    allowed = causal[None, :, :] & attention_mask.bool()[:, None, :]  # (B, S, S)
+    """(B, S) 1/0 key mask -> (B, 1, S, S) additive causal mask (0 where allowed, dtype-min elsewhere).
+
+    A (B, S, S) boolean mask of allowed (query, key) pairs is taken as is (no causal mask added)."""
+    if attention_mask.dim() == 3:
+        allowed = attention_mask.bool()
+    else:
+        s = attention_mask.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()  # (S, S)
+        allowed = causal[None, :, :] & attention_mask.bool()[:, None, :]  # (B, S, S)
     out = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, S, S)
 
 
 def run_layers(lm, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0, end: int | None = None,
-               offset: int = 0, final_norm: bool = True, query_pos: torch.Tensor | None = None) -> torch.Tensor:
+               offset: int = 0, final_norm: bool = True, query_pos: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run decoder layers ``start..end-1`` on ``hidden`` (B, S, d) at positions ``offset..offset+S-1``.
 
+    ``attention_mask``: (B, S) key mask (causal attention added), or (B, S, S) allowed (query, key) pairs used
+    as is (a packed sequence, e.g. label-set scoring's tree of continuations); ``position_ids`` (B, S) then
+    gives each position's RoPE position (``offset`` is added).
     ``final_norm`` applies the model's last RMSNorm when ``end`` is the last layer (the input of lm_head).
     ``query_pos`` (B, Q) names the only positions whose output is wanted (e.g. each row's answer position):
     the last layer then computes its queries, attention output and MLP at those positions alone (keys and
-    values still at every position), and the result is (B, Q, d)."""
+    values still at every position; with a (B, S) mask), and the result is (B, Q, d)."""
     inner, _ = decoder(lm)
     end = len(inner.layers) if end is None else end
     b, s, _ = hidden.shape
-    positions = (torch.arange(s, device=hidden.device) + offset)[None].expand(b, s)  # (B, S)
+    if position_ids is None:
+        positions = (torch.arange(s, device=hidden.device) + offset)[None].expand(b, s)  # (B, S)
+    else:
+        positions = position_ids + offset  # (B, S)
     rope = inner.rotary_emb(hidden, position_ids=positions)
     mask = additive_mask(attention_mask, hidden.dtype)
     layers = list(inner.layers[start:end])
-    prune = query_pos is not None and layers and _prunable(layers[-1])
+    prune = query_pos is not None and attention_mask.dim() == 2 and layers and _prunable(layers[-1])
     for layer in layers[:-1] if prune else layers:
         hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
     if prune:

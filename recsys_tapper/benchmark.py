@@ -38,11 +38,12 @@ from recsys_tapper.baselines.rag import run_rag
 from recsys_tapper.build import build_trunk, prefix_slots
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
-from recsys_tapper.evaluation import READOUTS, predict_labels, rating_report
+from recsys_tapper.evaluation import choose_readout, predict_labels, rating_report
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
+from recsys_tapper.job import train_stage1, train_stage2
 from recsys_tapper.model import TapperModel
-from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users, train_stage1, train_stage2
+from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -295,7 +296,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
             vcfg = _variant(cfg, name)
             vcfg.trainer.stage2_per_user = cfg.paper_per_user if name == "tapper_paper" else cfg.per_user
             trunk = trunk_for(vcfg)
-            model, s2, losses, stage2_s = train_stage2(vcfg, lm, fb, users, train, trunk,
+            model, s2, losses, stage2_s, _ = train_stage2(vcfg, lm, fb, users, train, trunk,
                                                        resume=out_dir / f"ml100k_{name}_stage2_resume.safetensors")
             prefill_trunk(trunk, fb, test_samples + dev_samples, with_labels=False, desc="trunk cache, queries")
             t1 = time.perf_counter()
@@ -333,22 +334,9 @@ def stage1_model(cfg: RunConfig, train: list, register: list, users_all: list[st
         lm = add_lora(lm, cfg.model.task_lora)
         set_peft_model_state_dict(lm, load_file(cache))
         return merge_lora(lm), tok, fb, cached_s
-    lm, state, _, stage1_s = train_stage1(cfg, lm, fb, train, set(users_all))
+    lm, state, _, stage1_s, _, _ = train_stage1(cfg, lm, fb, train, set(users_all))
     save_file(state, cache)
     return lm, tok, fb, stage1_s
-
-
-def choose_readout(dev_rows: list[dict]) -> tuple[str, str, dict[str, float]]:
-    """The headline readouts of a row: for MAE the readout with the lowest MAE on the dev queries, for RMSE the
-    one with the lowest RMSE (ties: argmax, median, expected in that order), and each readout's dev MAE and
-    RMSE (``mae_median``, ...). Test queries never enter the choice."""
-    reps = {r: rating_report(dev_rows, r) for r in READOUTS}
-    dev = {f"{m}_{r}": reps[r][m] for r in READOUTS for m in ("mae", "rmse")}
-
-    def best(metric: str) -> str:
-        return min(READOUTS, key=lambda r: (reps[r][metric], READOUTS.index(r)))
-
-    return best("mae"), best("rmse"), dev
 
 
 def file_digest(path: Path):

@@ -4,6 +4,7 @@ has loaded (or deep inside a run with a message that names neither key nor file)
 Data files themselves are validated by the loaders (``recsys_tapper.data``); here only their presence::
 
     check_run_config(cfg)   # InputError: data.dir /data/LaMP_3: missing dev_outputs.json (found: ...)
+    check_evaluate_config(cfg)   # InputError: model_dir runs/x/model: no such directory (...)
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ def lamp_files(train_split: str, test_split: str, task_trains_on_questions: bool
     return need + [f"{train_split}_outputs.json"] if task_trains_on_questions else need
 
 
+TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad", "adagrad", "sgd")
+
+
+def check_table_optimizer(name: str, sharding: str | None = None) -> None:
+    """``trainer.table_optimizer`` is known, and under torchrun (``sharding`` given) ``adamw`` has a
+    ``data_parallel`` table."""
+    if name not in TABLE_OPTIMIZERS:
+        raise InputError(f"trainer.table_optimizer {name!r} is not one of {', '.join(TABLE_OPTIMIZERS)}")
+    if name == "adamw" and sharding not in (None, "data_parallel"):
+        raise InputError(f"trainer.table_optimizer=adamw trains the P_u rows as a dense parameter: use "
+                         f"dist.sharding=data_parallel, or a fused optimizer (rowwise_adagrad, adagrad, sgd) "
+                         f"with dist.sharding={sharding}")
+
+
 def check_run_config(cfg) -> None:
     """Check ``task.name``, ``data.source`` and, for ``lamp``, that ``data.dir`` holds the files it needs.
 
@@ -38,19 +53,25 @@ def check_run_config(cfg) -> None:
         raise InputError(f"task.name {cfg.task.name!r} is not a task; known: {', '.join(sorted(TASKS))}")
     if cfg.data.source not in DATA_SOURCES:
         raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
-    if cfg.data.source != "lamp":
-        return
-    if not cfg.data.dir:
+    check_table_optimizer(cfg.trainer.table_optimizer, getattr(getattr(cfg, "dist", None), "sharding", None))
+    if cfg.data.source == "lamp":
+        need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
+        _check_lamp_dir(cfg.data.dir, need, f"data.train_split={cfg.data.train_split}, "
+                                            f"data.test_split={cfg.data.test_split}")
+
+
+def _check_lamp_dir(data_dir: str | None, need: list[str], splits: str) -> None:
+    """``data.dir`` is set, exists and holds the files ``need`` (named when missing, with what is there)."""
+    if not data_dir:
         raise InputError("data.source=lamp needs data.dir, the folder with the LaMP JSON files")
-    d = Path(cfg.data.dir)
+    d = Path(data_dir)
     if not d.is_dir():
         raise InputError(f"data.dir {d}: no such directory")
-    need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
     missing = [name for name in need if not (d / name).is_file()]
     if missing:
         found = sorted(p.name for p in d.glob("*.json"))
-        raise InputError(f"data.dir {d}: missing {', '.join(missing)} (data.train_split={cfg.data.train_split}, "
-                         f"data.test_split={cfg.data.test_split}; .json files there: {', '.join(found) or 'none'})")
+        raise InputError(f"data.dir {d}: missing {', '.join(missing)} ({splits}; .json files there: "
+                         f"{', '.join(found) or 'none'})")
 
 
 def check_benchmark_config(cfg) -> None:
@@ -63,3 +84,27 @@ def check_benchmark_config(cfg) -> None:
     if unknown:
         raise InputError(f"methods/rerun: unknown {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")
     check_run_config(cfg)
+
+
+def check_evaluate_config(cfg) -> None:
+    """``tapper evaluate``: ``model_dir`` is a saved model, ``batch_size`` is positive, ``data.source`` is known
+    and, for ``lamp``, ``data.dir`` holds the split's questions file (its outputs file is optional).
+
+    Args:
+        cfg: an ``EvaluateConfig``.
+
+    Raises:
+        InputError: naming the key and the path.
+    """
+    m = Path(cfg.model_dir)
+    if not (m / "manifest.json").is_file():
+        what = "no manifest.json; not a recsys-tapper model directory" if m.is_dir() else "no such directory"
+        raise InputError(f"model_dir {m}: {what} (a demo saves its model to <out_dir>/model)")
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise InputError(f"{key} {getattr(cfg, key)} must be at least 1 (or null: the model's own)")
+    if cfg.data.source not in DATA_SOURCES:
+        raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    if cfg.data.source == "lamp":
+        split = cfg.data.split or cfg.data.test_split
+        _check_lamp_dir(cfg.data.dir, [f"{split}_questions.json"], f"data.split={split}")

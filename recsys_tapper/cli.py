@@ -2,6 +2,7 @@
 
     tapper demo                                    # == make demo
     tapper demo model=tiny trainer=smoke data.n_users=5 out_dir=runs/smoke
+    tapper evaluate model_dir=runs/demo/model data=lamp data.dir=/path/to/LaMP_3 [data.split=dev] [out_dir=...]
     tapper export model_dir=runs/demo/model out=exports/demo dtype=fp32     # fp16 | int8
     tapper import export_dir=exports/demo model_dir=runs/demo/model
     tapper update model_dir=runs/demo/model events=new.parquet [strict=false]
@@ -14,7 +15,7 @@
     python -m recsys_tapper demo ...
 
 Each command composes its Hydra config (configs/<command>.yaml) and calls an importable function
-(``recsys_tapper.pipeline.run``, ...) through ``recsys_tapper.runner.execute``. Bad input (a file, record,
+(``recsys_tapper.job.run``, ...) through ``recsys_tapper.runner.execute``. Bad input (a file, record,
 field or config value) prints a few plain lines on stderr and exits 2; ``--debug`` or ``TAPPER_DEBUG=1``
 shows the traceback. This module imports nothing heavy, so ``tapper --help`` is quick.
 """
@@ -33,12 +34,26 @@ __all__ = ["COMMANDS", "CONFIG_DIR", "main"]
 def _demo(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from recsys_tapper.pipeline import format_table, run
+    from recsys_tapper.job import run
+    from recsys_tapper.pipeline import format_table
 
     run_cfg = OmegaConf.to_object(cfg)
+    if run_cfg.expected_duration and len(sys.argv) == 1:  # `make demo`: the measured duration of these settings
+        print(f"tapper demo: expected duration {run_cfg.expected_duration}", flush=True)
     result = run(run_cfg)
     print(format_table(result))
     print(f"wrote {Path(run_cfg.out_dir) / 'metrics.json'}")
+
+
+def _evaluate(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from recsys_tapper.evaluate_saved import evaluate_saved, summary
+
+    ecfg = OmegaConf.to_object(cfg)
+    result = evaluate_saved(ecfg, command="tapper evaluate " + " ".join(sys.argv[1:]))
+    print(summary(result))
+    print(f"wrote {Path(ecfg.out_dir) / 'metrics.json'}")
 
 
 def _export(cfg) -> None:
@@ -125,6 +140,12 @@ def _register_user_ops() -> None:
     register()
 
 
+def _register_evaluate() -> None:
+    from recsys_tapper.evaluate_saved import register
+
+    register()
+
+
 def _register_benchmark() -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -146,10 +167,18 @@ def _check_benchmark(cfg) -> None:
     check_benchmark_config(cfg)
 
 
+def _check_evaluate(cfg) -> None:
+    from recsys_tapper.checks import check_evaluate_config
+
+    check_evaluate_config(cfg)
+
+
 # name -> (config name, task function, schema registration, config check, one line of help)
 COMMANDS = {
     "demo": ("demo", _demo, _register_run, _check_run,
              "Stage 1 + Stage 2 on a dataset, non-personalized vs TAP-PER; writes out_dir/metrics.json."),
+    "evaluate": ("evaluate", _evaluate, _register_evaluate, _check_evaluate,
+                 "Score a saved model on LaMP-format files, no training; writes out_dir/metrics.json."),
     "export": ("export", _export, _register_user_ops, None,
                "Export a saved model's user table (P_u rows) to parquet + safetensors."),
     "import": ("import", _import, _register_user_ops, None, "Import an export into a saved model's user table."),

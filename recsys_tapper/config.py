@@ -27,6 +27,9 @@ class ModelConfig:
         k > 0 the frozen layers below k run once per distinct prompt (``llm_bridge.trunk.TrunkCache``) and the
         bridge LoRA sits on layers >= k only.
     trunk_dtype / trunk_max_bytes: storage of the cached trunk states (past the bound they spill to disk).
+    readout / rmse_readout: how a rating answer is read from the label distribution for MAE and for RMSE
+        (argmax | median | expected); the job sets them to what scores best on the dev questions and saves
+        them with the model, so ``tapper evaluate`` reports what the training run reported.
     item_dim: width of an item-table row keyed by the query's item id (None = no item table; tasks whose
         questions name no item, such as LaMP, have none); ``item_slots`` prefix slots come from it.
     warm_start: ``mf`` initialises user rows (and item rows) as ``[p_u, b_u]`` (``[q_i, b_i]``) of a biased MF
@@ -46,6 +49,8 @@ class ModelConfig:
     prefix_layer: int = 0
     trunk_dtype: str = "float32"
     trunk_max_bytes: int = 2 << 30
+    readout: str = "argmax"
+    rmse_readout: str = "argmax"
     item_dim: int | None = None
     item_slots: int = 1
     warm_start: str | None = None
@@ -81,7 +86,14 @@ class TrainerConfig:
     stage1_examples: non-personalized (query -> answer) pairs from *other* users for the task LoRA.
     stage2_per_user: most recent profile records per user used as Stage-2 targets (None = all).
     lr_user / lr_dense / lr_bridge: Stage-2 learning rates of P_u rows, scorer+projection, bridge LoRA.
+    table_optimizer: the P_u rows' optimizer, the same locally and under torchrun: adamw (in the job's AdamW,
+        lr_user, wd_user, scheduled and clipped; torchrun: dist.sharding=data_parallel) | rowwise_adagrad |
+        adagrad | sgd (FBGEMM's fused update under torchrun, its twin locally: constant table_lr, no decay or
+        clipping). table_lr: None = lr_user. table_eps: the Adagrad epsilon.
     eval_max_new_tokens: greedy decoding budget for classification and generation tasks.
+    class_readout: how classification tasks answer (``recsys_tapper.label_scoring``): ``label_set`` (the best
+        label by length-normalised log-likelihood), ``generate`` (greedy decoding, exact match) or ``both``
+        (label_set is the answer, generation reported beside it as ``accuracy_generate``, ``f1_generate``, ...).
 
     The paper trains 3 epochs at lr 1e-4 to 2e-4. A CPU run affords about a hundred steps per stage, so the
     defaults are one epoch at higher rates (picked on the MovieLens validation queries, never on test).
@@ -97,17 +109,27 @@ class TrainerConfig:
     lr_dense: float = 3e-3
     lr_bridge: float = 1e-3
     wd_user: float = 0.01
+    table_optimizer: str = "adamw"
+    table_lr: float | None = None
+    table_eps: float = 1e-8
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 32
+    class_readout: str = "both"
 
 
 @dataclass
 class RunConfig:
+    """Args:
+    expected_duration: printed when ``tapper demo`` starts without overrides (configs/demo.yaml: the measured
+        wall time of ``make demo``); None prints nothing.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     out_dir: str = "runs/demo"
+    expected_duration: str | None = None
 
 
 def register() -> None:

@@ -8,7 +8,7 @@ the whole batch. So W ranks reproduce one process step for step.
 Example::
 
     losses, resumed_from = dist_train_loop(model, samples, feats, groups, OptimConfig(), ctx, ckpt=ckpt)
-    rows = predict_sharded(model, feats, test_samples, task.labels, batch_size=32, ctx=ctx)  # None off rank 0
+    rows = predict_sharded(lambda part: predict_labels(model, feats, part, labels), test_samples, ctx)  # rank 0
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from embeddings.replicas import average_grads
 from llm_bridge.inject import IGNORE
 from recsys_tapper.dist_checkpointer import Checkpointer
 from recsys_tapper.dist_executor import Ctx, DeviceFeatures, global_batches, rank_slice
-from recsys_tapper.evaluation import predict_labels
 from recsys_tapper.features import Sample
 from recsys_tapper.model import TapperModel
 from recsys_tapper.training import OptimConfig, linear_schedule
@@ -44,12 +43,14 @@ def dist_train_loop(
     ckpt: Checkpointer | None = None,
     step_sleep_s: float = 0.0,
     desc: str = "train",
+    averaged: set[int] = frozenset(),
 ) -> tuple[list[float], int]:
     """``training.train_loop`` over W ranks: returns (per-step global losses, step resumed from).
 
     ``param_groups`` hold the replicated parameters (AdamW, clipped, gradients averaged here); ``table_opt``
     steps a data-parallel table, whose gradient TorchRec's own DDP averages. A fused table updates itself
-    inside ``backward``.
+    inside ``backward``. ``averaged``: ids of parameters in ``param_groups`` whose gradient arrives averaged
+    already (a data_parallel table in TorchRec's DDP): clipped and stepped here, not averaged again.
     """
     params = [p for g in param_groups for p in g["params"]]
     if not params:
@@ -80,7 +81,7 @@ def dist_train_loop(
         # W x this rank's share of the global token-mean loss: averaged over ranks (the convention of DDP and of
         # TorchRec's sparse all-to-all), the gradient is one process's on the whole batch. Fused rows update here.
         (out.loss * (n_local * ctx.world / tot[0])).backward()
-        average_grads(params)
+        average_grads([p for p in params if id(p) not in averaged])
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         if table_opt is not None:
@@ -97,17 +98,18 @@ def dist_train_loop(
     return losses, start
 
 
-def predict_sharded(model: TapperModel, feats: DeviceFeatures, samples: list[Sample], labels, batch_size: int,
-                    ctx: Ctx) -> list[dict] | None:
-    """``predict_labels`` with each rank on a slice; rows in sample order on rank 0, None elsewhere.
+def predict_sharded(predict, samples: list[Sample], ctx: Ctx) -> list[dict] | None:
+    """``predict(samples) -> rows`` (``predict_labels``, ``predict_texts``) with each rank on a slice; rows in
+    sample order on rank 0, None elsewhere.
 
-    Slices are padded to one length so every rank runs the same number of forwards (each is a collective).
+    Slices are padded to one length so every rank runs the same number of forwards (each is a collective:
+    the sharded table's lookups).
     """
     per = math.ceil(len(samples) / ctx.world)
     mine = samples[ctx.rank * per : (ctx.rank + 1) * per]
     n_mine = len(mine)
     mine = mine + [samples[0]] * (per - n_mine)
-    rows = predict_labels(model, feats, mine, labels, batch_size=batch_size, desc="eval TAP-PER")[:n_mine]
+    rows = predict(mine)[:n_mine]
     gathered: list = [None] * ctx.world
     dist.all_gather_object(gathered, rows)
     return [r for part in gathered for r in part] if ctx.rank == 0 else None

@@ -1,9 +1,10 @@
 """Prediction and scoring on question samples.
 
 For rating tasks one forward pass reads the next-token distribution over the labels "1".."5": the argmax is
-the answer and the expectation is reported beside it. Classification and generation tasks answer by greedy
-decoding (LaMP's rule: a class answer outside the label set is wrong), scored with accuracy/macro-F1 or
-ROUGE-1/ROUGE-L.
+the answer and the expectation is reported beside it. Generation tasks answer by greedy decoding, scored with
+ROUGE-1/ROUGE-L. Classification tasks answer by label-set scoring (``recsys_tapper.label_scoring``) or, as an
+option, by greedy decoding (``predict_texts``; LaMP's rule: a class answer outside the label set is wrong), scored
+with accuracy/macro-F1.
 
 Example::
 
@@ -107,6 +108,19 @@ def rating_report(rows: Sequence[dict], readout: str = "argmax", rmse_readout: s
     return rep
 
 
+def choose_readout(dev_rows: Sequence[dict]) -> tuple[str, str, dict[str, float]]:
+    """The headline readouts of a model: for MAE the readout with the lowest MAE on the dev queries, for RMSE the
+    one with the lowest RMSE (ties: argmax, median, expected in that order), and each readout's dev MAE and
+    RMSE (``mae_median``, ...). Test queries never enter the choice."""
+    reps = {r: rating_report(dev_rows, r) for r in READOUTS}
+    dev = {f"{m}_{r}": reps[r][m] for r in READOUTS for m in ("mae", "rmse")}
+
+    def best(metric: str) -> str:
+        return min(READOUTS, key=lambda r: (reps[r][metric], READOUTS.index(r)))
+
+    return best("mae"), best("rmse"), dev
+
+
 @torch.no_grad()
 def predict_texts(
     model: TapperModel,
@@ -126,12 +140,14 @@ def predict_texts(
     return rows
 
 
-def task_report(task: Task, rows: Sequence[dict]) -> dict:
-    """The task's LaMP metrics over prediction rows (``predict_labels`` or ``predict_texts``)."""
+def task_report(task: Task, rows: Sequence[dict], readouts: tuple[str, str] = ("argmax", "argmax")) -> dict:
+    """The task's LaMP metrics over prediction rows (``predict_labels``, ``predict_texts`` or
+    ``label_scoring.predict_label_set``); rating tasks report MAE by ``readouts[0]`` and RMSE by ``readouts[1]``
+    (see ``rating_report``)."""
     if any(r["gold"] is None for r in rows):
         raise ValueError(f"task {task.name}: {sum(r['gold'] is None for r in rows)} questions have no gold output")
     if task.kind == RATING:
-        return rating_report(rows)
+        return rating_report(rows, *readouts)
     preds, golds = [r["pred"] for r in rows], [r["gold"] for r in rows]
     if task.kind != CLASSIFICATION:
         return {**rouge_metrics(preds, golds), "n": len(rows)}

@@ -185,16 +185,15 @@ class FeatureBuilder:
         ids = self.tok(question, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
         return ids + self.suffix_ids
 
+    def answer_ids(self, answer: str) -> list[int]:
+        """The target tokens of an answer: its ids, + EOS for non-rating tasks. Training labels and label-set
+        scoring (``recsys_tapper.label_scoring``) both read them here."""
+        a = self.tok(answer, add_special_tokens=False)["input_ids"]
+        return a + [self.eos] if self.append_eos else a
+
     def token_rows(self, samples: Sequence[Sample], with_labels: bool = True) -> list[list[int]]:
-        """Each sample's prompt ids (+ answer ids, + EOS for non-rating tasks, when ``with_labels``)."""
-        rows: list[list[int]] = []
-        for s in samples:
-            p = self._prompt_ids(s.question)
-            a = self.tok(s.answer, add_special_tokens=False)["input_ids"] if with_labels else []
-            if with_labels and self.append_eos:
-                a = a + [self.eos]
-            rows.append(p + a)
-        return rows
+        """Each sample's prompt ids (+ :meth:`answer_ids` when ``with_labels``)."""
+        return [self._prompt_ids(s.question) + (self.answer_ids(s.answer) if with_labels else []) for s in samples]
 
     def trunk_rows(self, samples: Sequence[Sample], with_labels: bool = True) -> list[list[int]]:
         """The token sequences a late-prefix model runs through its cached trunk for these samples: the

@@ -58,6 +58,10 @@ def write_markdown(result: dict, path: Path) -> None:
               "git: the commit that made the row (a resumed run reuses a row only when every setting it depends "
               "on is unchanged; each row's settings are in ml100k.json); +dirty: uncommitted changes in the tree. "
               "OPPU trains and scores user by user: its train s includes its evaluation.")]
+    carried = {n: m["carried_from"] for n, m in result["methods"].items() if m.get("carried_from")}
+    if carried:
+        lines += ["", "Carried from an earlier table (`benchmarks/carry_rows.py`): " + "; ".join(
+            f"{n} (table at {c['git_sha'][:7]}; {c['check']})" for n, c in carried.items())]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from recsys_tapper.data import LABEL_SETS, LampExample, ProfileRecord, write_lamp
 from recsys_tapper.io import atomic_write_text
+from recsys_tapper.tasks import get_task
 
 GENRES = ("action", "comedy", "drama", "horror", "romance", "sci-fi")
 SOURCE = {"source": "SYNTHETIC"}
@@ -66,6 +67,7 @@ def synthetic_rating_task(
     """SYNTHETIC movielens-layout ratings. Return (train questions, test questions): train profiles hold
     the records before the test ones. With ``drift`` every taste flips sign halfway through the timeline."""
     rng = random.Random(seed)
+    template = get_task("movielens").input_template  # the questions read like the records' training examples
     train, test = [], []
     for u in range(n_users):
         user = f"syn{u}"
@@ -78,10 +80,10 @@ def synthetic_rating_task(
             recs.append((f"{user}_{i}", title, _rating(t, rng), float(i * 3)))
         profile = tuple(ProfileRecord(rid, {"text": txt, "score": sc}, day) for rid, txt, sc, day in recs[:n_records])
         last = recs[n_records - 1]
-        train.append(LampExample(f"{user}_train", user, f"Rate the movie from 1 to 5. movie: {last[1]}",
-                                 profile[:-1], last[3], last[2], {}))
+        train.append(LampExample(f"{user}_train", user, template.format(text=last[1]), profile[:-1], last[3],
+                                 last[2], {}))
         for rid, txt, sc, day in recs[n_records:]:
-            test.append(LampExample(rid, user, f"Rate the movie from 1 to 5. movie: {txt}", profile, day, sc, {}))
+            test.append(LampExample(rid, user, template.format(text=txt), profile, day, sc, {}))
     return train, test
 
 
@@ -114,7 +116,7 @@ def synthetic_tagging_task(
     two from outside them, in random order. Without the user's history the gold is a 1-in-3 guess.
     """
     rng = random.Random(seed)
-    template = "Which tag does this movie relate to? description: {description}"
+    template = get_task("LaMP-2M").input_template  # LaMP's question form, as Task.record_example builds it
     train, test = [], []
     n_total = n_records + n_test
     for u in range(n_users):
@@ -174,7 +176,7 @@ def synthetic_headline_task(
     switches to a different style halfway.
     """
     rng = random.Random(seed)
-    template = "Generate a headline for the following article: {text}"
+    template = get_task("LaMP-4").input_template
     train, test = [], []
     n_total = n_records + n_test
     for u in range(n_users):

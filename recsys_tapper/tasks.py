@@ -46,8 +46,16 @@ class Task:
         return question_input + self.prompt_suffix
 
 
+# Question inputs exactly as LaMP writes them: a Stage-1/Stage-2 example built from a profile record
+# (``Task.record_example``) must read like the test questions it prepares for.
 _REVIEW = ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 "
            "without further explanation. review: {text}")
+_MOVIE_TAGGING = ("Which tag does this movie relate to among the following tags? Just answer with the tag name "
+                  f"without further explanation. tags: [{', '.join(LABEL_SETS['LaMP-2M'])}] description: "
+                  "{description}")
+_NEWS_CATEGORY = ("Which category does this article relate to among the following categories? Just answer with the "
+                  f"category name without further explanation. categories: [{', '.join(LABEL_SETS['LaMP-2N'])}] "
+                  "article: {text}")
 
 TASKS: dict[str, Task] = {
     t.name: t
@@ -56,10 +64,10 @@ TASKS: dict[str, Task] = {
              "\nrating: ", LABEL_SETS["movielens"]),
         Task("LaMP-3", RATING, "review: {text} score: {score}", _REVIEW, "score", "\nscore: ", LABEL_SETS["LaMP-3"]),
         Task("LaMP-2M", CLASSIFICATION, "description: {description} tag: {tag}",
-             "Which tag does this movie relate to? description: {description}", "tag", "\ntag: ",
+             _MOVIE_TAGGING, "tag", "\ntag: ",
              LABEL_SETS["LaMP-2M"]),
         Task("LaMP-2N", CLASSIFICATION, "article: {text} category: {category}",
-             "Which category does this article relate to? article: {text}", "category", "\ncategory: ",
+             _NEWS_CATEGORY, "category", "\ncategory: ",
              LABEL_SETS["LaMP-2N"]),
         Task("LaMP-4", GENERATION, "article: {text} headline: {title}",
              "Generate a headline for the following article: {text}", "title", "\nheadline: "),

@@ -67,6 +67,7 @@ def train_loop(
     resume: str | Path | None = None,
     save_every: int = 200,
     resume_tag: str = "",
+    table_opt: torch.optim.Optimizer | None = None,
 ) -> list[float]:
     """Run ``cfg.epochs`` passes; returns the per-step losses. Raises on a non-finite loss.
 
@@ -74,7 +75,8 @@ def train_loop(
     saved there every ``save_every`` steps (atomically); a later call with the same samples and settings picks
     up after the last saved step and gives the same result as an uninterrupted run. The file is removed when
     the loop finishes. ``resume_tag`` adds what else the file must match (e.g. the run config and the frozen
-    backbone's fingerprint)."""
+    backbone's fingerprint). ``table_opt``: a second optimizer (the P_u rows' own, see ``executors``), stepped
+    after AdamW with its constant learning rate; its parameters are not in ``param_groups`` nor clipped."""
     params = [p for g in param_groups for p in g["params"]]
     if not params:
         raise ValueError("nothing to train: every parameter group is empty")
@@ -84,8 +86,10 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, cfg.warmup))
     model.train()
     losses: list[float] = []
-    key = _resume_key(samples, params, cfg, resume_tag)
-    start = _load_resume(resume, key, params, opt, sched, losses) if resume is not None else 0
+    saved = params + ([p for g in table_opt.param_groups for p in g["params"]] if table_opt is not None else [])
+    opts = [opt] if table_opt is None else [opt, table_opt]
+    key = _resume_key(samples, saved, cfg, resume_tag)
+    start = _load_resume(resume, key, saved, opts, sched, losses) if resume is not None else 0
     bar = tqdm(total=total, initial=start, desc=desc, leave=False)
     step = 0
     for _ in range(cfg.epochs):
@@ -98,14 +102,18 @@ def train_loop(
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"{desc}: loss is {out.loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
+            if table_opt is not None:
+                table_opt.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
+            if table_opt is not None:
+                table_opt.step()
             sched.step()
             losses.append(out.loss.item())
             step += 1
             if resume is not None and step % save_every == 0 and step < total:
-                _save_resume(resume, key, step, params, opt, losses)
+                _save_resume(resume, key, step, saved, opts, losses)
             if on_step is not None:
                 on_step(step - 1, losses[-1])
             bar.update(1)
@@ -125,10 +133,15 @@ def _resume_key(samples: Sequence[Sample], params: list, cfg: OptimConfig, tag: 
     return h.hexdigest()
 
 
-def _save_resume(path, key: str, step: int, params: list, opt, losses: list[float]) -> None:
+def _owner(opts: list, p) -> torch.optim.Optimizer:
+    """The optimizer of ``opts`` that steps ``p``."""
+    return next(o for o in opts if any(q is p for g in o.param_groups for q in g["params"]))
+
+
+def _save_resume(path, key: str, step: int, params: list, opts: list, losses: list[float]) -> None:
     tensors = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
     for i, p in enumerate(params):
-        for name, v in opt.state.get(p, {}).items():
+        for name, v in _owner(opts, p).state.get(p, {}).items():
             tensors[f"s{i}.{name}"] = torch.as_tensor(v).detach().contiguous()
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     tensors["rng"] = torch.get_rng_state()
@@ -136,7 +149,7 @@ def _save_resume(path, key: str, step: int, params: list, opt, losses: list[floa
     atomic_write_bytes(Path(path), save(tensors, metadata={"key": key, "step": str(step)}))
 
 
-def _load_resume(path, key: str, params: list, opt, sched, losses: list[float]) -> int:
+def _load_resume(path, key: str, params: list, opts: list, sched, losses: list[float]) -> int:
     """Restore a resume file into params/opt/sched/losses; returns the step to continue from (0: none)."""
     path = Path(path)
     if not path.exists():
@@ -151,7 +164,7 @@ def _load_resume(path, key: str, params: list, opt, sched, losses: list[float]) 
                 p.copy_(f.get_tensor(f"p{i}"))
                 state = {n.split(".", 1)[1]: f.get_tensor(n) for n in names if n.startswith(f"s{i}.")}
                 if state:
-                    opt.state[p] = state
+                    _owner(opts, p).state[p] = state
         losses += f.get_tensor("losses").tolist()
         torch.set_rng_state(f.get_tensor("rng"))
         step = int(meta["step"])

@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory):
     """One tiny trained run per test module (3 users syn0..syn2, L=2, d=32): (out_dir, test questions)."""
     from pathlib import Path
 
-    from recsys_tapper.pipeline import run
+    from recsys_tapper.job import run
     from recsys_tapper.synthetic import synthetic_rating_task
 
     cfg = tiny_config(tmp_path_factory.mktemp("run"))

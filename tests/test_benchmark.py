@@ -82,7 +82,7 @@ def test_model_and_prompt_settings_decide_reuse_too():
 
 
 def test_readouts_are_chosen_on_dev_rows_per_metric():
-    from recsys_tapper.benchmark import choose_readout
+    from recsys_tapper.evaluation import choose_readout
 
     dev = [{"gold": "4", "pred": "5", "median": "4", "expected": 4.4},
            {"gold": "2", "pred": "3", "median": "3", "expected": 2.5}]

@@ -14,7 +14,7 @@ from llm_bridge.encoder import TextEncoder
 from recsys_tapper.checkpoint import load_model
 from recsys_tapper.evaluation import predict_labels
 from recsys_tapper.features import FeatureBuilder
-from recsys_tapper.pipeline import run
+from recsys_tapper.job import run
 from recsys_tapper.synthetic import synthetic_rating_task
 from recsys_tapper.tasks import get_task
 

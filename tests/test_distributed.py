@@ -1,4 +1,10 @@
-"""Distributed parity: 2 gloo ranks on CPU == 1 process, same seed and data (tiny Llama, synthetic ratings).
+"""One job, two executors: the local executor (``tapper demo``) == torchrun at world size 1 == 2 gloo ranks on CPU,
+same seed and data (tiny Llama, synthetic ratings).
+
+Local (``run_job`` with ``LocalExecutor``, in this process) against torchrun at world size 1, for each P_u
+optimizer: losses of both stages, the trained rows, both models' predictions and metrics. The local twins of the
+fused updates are torchrec's RowWiseAdagrad and torch's SGD; ``adamw`` (the single-process default) is checked
+against 2 ranks with a data_parallel table.
 
 Reference: ``train_distributed`` in one process (world size 1, ``table_wise``: the whole table in one shard)
 with the *same* fused FBGEMM table optimizer as the 2-rank run, so the comparison isolates the sharding,
@@ -34,7 +40,8 @@ ATOL, RTOL = 1e-5, 1e-4
 TABLE_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 20.0}
 RUNS_1 = [("table_wise", "rowwise_adagrad"), ("table_wise", "sgd")]
 RUNS_2 = [("table_wise", "rowwise_adagrad"), ("table_wise", "sgd"), ("column_wise", "sgd"), ("data_parallel", "sgd"),
-          ("data_parallel", "rowwise_adagrad")]
+          ("data_parallel", "rowwise_adagrad"), ("data_parallel", "adamw")]
+TABLE_LR["adamw"] = None  # trainer.lr_user
 
 
 def _free_port() -> int:
@@ -55,8 +62,9 @@ def launch(fn, nproc: int, *args) -> dict:
 def tiny_config(out_dir: str, sharding: str, optimizer: str, **dist_kw):
     from recsys_tapper.dist_train import DistConfig, DistRunConfig
 
-    dist_kw = {"table_lr": TABLE_LR[optimizer], "save_model": False, **dist_kw}
-    cfg = DistRunConfig(dist=DistConfig(sharding=sharding, table_optimizer=optimizer, **dist_kw))
+    cfg = DistRunConfig(dist=DistConfig(sharding=sharding, **{"save_model": False, **dist_kw}))
+    cfg.trainer.table_optimizer = optimizer
+    cfg.trainer.table_lr = TABLE_LR[optimizer]
     cfg.model.backbone.name_or_path = "tiny-random-llama"
     cfg.model.projector.slots = 4  # user rows of 4 * 32 = 128: two column shards of 64
     cfg.model.max_prompt_tokens = 48
@@ -84,18 +92,40 @@ def _parity_worker(root: str, runs: list[tuple[str, str]]) -> list[dict]:
     splits = synthetic_rating_task(n_users=6, n_records=10, seed=3)
     out = []
     for i, (sharding, optimizer) in enumerate(runs):
-        cfg = tiny_config(f"{root}/{sharding}-{optimizer}", sharding, optimizer, evaluate=i == 0)
+        cfg = tiny_config(f"{root}/{sharding}-{optimizer}", sharding, optimizer, evaluate=i == 0 or optimizer == "adamw")
         r = train_distributed(cfg, splits=splits)
-        out.append({k: r[k] for k in ("losses", "stage1_losses", "table", "predictions", "replica_max_diff",
-                                      "world_size", "n_stage2_steps")})
+        out.append(_kept(r))
     dist.destroy_process_group()
     return out
+
+
+def _kept(r: dict) -> dict:
+    keys = ("losses", "stage1_losses", "table", "predictions", "replica_max_diff", "world_size", "n_stage2_steps",
+            "methods")
+    return {k: r.get(k) for k in keys}
+
+
+def _local(root: str, optimizer: str) -> dict:
+    """The same config through the local executor (what ``tapper demo`` runs), in this process."""
+    from recsys_tapper.executors import LocalExecutor
+    from recsys_tapper.job import run_job
+    from recsys_tapper.synthetic import synthetic_rating_task
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = tiny_config(f"{root}/local-{optimizer}", "table_wise", optimizer)
+        r = run_job(cfg, LocalExecutor(), synthetic_rating_task(n_users=6, n_records=10, seed=3))
+    finally:
+        torch.set_num_threads(threads)
+    return {**_kept(r), "table": r["rows"], "predictions": r["predictions"]["tapper"], "world_size": 1,
+            "np_predictions": r["predictions"]["non_personalized"]}
 
 
 def _initial_table() -> torch.Tensor:
     """The P_u rows every run starts from (build_tapper under the Stage-2 seed)."""
     from llm_bridge.tiny import tiny_llama
-    from recsys_tapper.pipeline import build_tapper, seed_everything
+    from recsys_tapper.build import build_tapper
+    from recsys_tapper.pipeline import seed_everything
 
     cfg = tiny_config("unused", "table_wise", "rowwise_adagrad")
     lm, _ = tiny_llama()
@@ -106,15 +136,43 @@ def _initial_table() -> torch.Tensor:
     return build_tapper(cfg.model, lm, 4).tower.table.weight.detach().clone()
 
 
+def _close(a, b, what: str) -> None:
+    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), atol=ATOL, rtol=RTOL, msg=what)
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path):
+def test_local_executor_and_torchrun_at_world_sizes_1_and_2_agree(tmp_path):
     one = launch(_parity_worker, 1, str(tmp_path / "w1"), RUNS_1)[0]
     two = launch(_parity_worker, 2, str(tmp_path / "w2"), RUNS_2)
+    local = {opt: _local(str(tmp_path), opt) for opt in ("rowwise_adagrad", "sgd", "adamw")}
+
+    # local == torchrun at world size 1, the same job and the same P_u update
+    for (_, optimizer), w1 in zip(RUNS_1, one, strict=True):
+        loc = local[optimizer]
+        assert loc["n_stage2_steps"] == w1["n_stage2_steps"] == 8
+        for key in ("stage1_losses", "losses", "table"):
+            _close(loc[key], w1[key], f"local vs world 1, {optimizer}: {key}")
+    w1 = one[0]  # the run that evaluated (rowwise_adagrad): the same predictions and metrics
+    assert [r["id"] for r in local["rowwise_adagrad"]["predictions"]] == [r["id"] for r in w1["predictions"]]
+    _close([r["expected"] for r in local["rowwise_adagrad"]["predictions"]], [r["expected"] for r in w1["predictions"]],
+           "tapper predictions")
+    for method in ("non_personalized", "tapper"):
+        for metric in ("mae", "rmse", "mae_expected"):
+            _close(local["rowwise_adagrad"]["methods"][method][metric], w1["methods"][method][metric], method)
+    # adamw, the single-process default: 2 ranks with a data_parallel table == local
+    dp_adamw = two[0][RUNS_2.index(("data_parallel", "adamw"))]
+    for key in ("stage1_losses", "losses", "table"):
+        _close(dp_adamw[key], local["adamw"][key], f"local vs 2 ranks, adamw: {key}")
+    _close(dp_adamw["methods"]["tapper"]["mae_expected"], local["adamw"]["methods"]["tapper"]["mae_expected"], "adamw")
+    # the optimizers differ, so the comparisons above can fail
+    assert (local["adamw"]["table"] - local["sgd"]["table"]).abs().max() > 1e-3
 
     ref = {run: r for run, r in zip(RUNS_1, one, strict=True)}
     ref_for = {opt: ref[("table_wise", opt)] for opt in ("rowwise_adagrad", "sgd")}
     init = _initial_table()
     for (sharding, optimizer), r0, r1 in zip(RUNS_2, two[0], two[1], strict=True):
+        if optimizer == "adamw":  # no world-1 table_wise twin (adamw needs data_parallel): compared with local above
+            continue
         base = ref_for[optimizer]
         what = f"{sharding}/{optimizer}"
         assert r0["world_size"] == 2 and base["world_size"] == 1

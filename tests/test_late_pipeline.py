@@ -14,7 +14,7 @@ from llm_bridge.encoder import TextEncoder
 from llm_bridge.tiny import tiny_llama
 from recsys_tapper.evaluation import median_index, rating_report
 from recsys_tapper.features import FeatureBuilder
-from recsys_tapper.pipeline import run
+from recsys_tapper.job import run
 from recsys_tapper.synthetic import synthetic_rating_task
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex

@@ -60,8 +60,8 @@ def test_counts_match_the_real_modules():
     """The formula against the parameters of the modules the pipeline builds (tiny backbone)."""
     from llm_bridge.lora import LoraSpec, add_lora, lora_parameters
     from llm_bridge.tiny import tiny_llama
+    from recsys_tapper.build import build_tapper
     from recsys_tapper.config import RunConfig
-    from recsys_tapper.pipeline import build_tapper
 
     lm, _ = tiny_llama()
     shape = BackboneShape.from_config(lm.config)

@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from recsys_tapper.config import RunConfig
-from recsys_tapper.pipeline import run
+from recsys_tapper.job import run
 from recsys_tapper.synthetic import synthetic_rating_task
 
 
@@ -23,13 +23,22 @@ def test_tiny_pipeline_end_to_end_metrics_match_its_predictions(tmp_path):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(saved["methods"]) == {"non_personalized", "tapper"}
     rows = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    order = ("argmax", "median", "expected")
     for name, m in saved["methods"].items():
         assert {"mae", "rmse", "params_per_user", "wall_s"} <= set(m)
-        # the reported MAE/RMSE are those of the written predictions (argmax answers), recomputed here
-        err = [int(r["pred"]) - int(r["gold"]) for r in rows[name]]
-        assert len(err) == 12 and m["readout"] == "argmax"
+        # each headline readout is the one that scores best on the dev questions, one train-split question per
+        # chosen user (ties: argmax first)
+        assert m["n_dev"] == 4
+        assert m["readout"] == min(order, key=lambda r: (m[f"dev_mae_{r}"], order.index(r)))
+        assert m["rmse_readout"] == min(order, key=lambda r: (m[f"dev_rmse_{r}"], order.index(r)))
+        # the reported MAE/RMSE are those of the written predictions under those readouts, recomputed here
+        def value(r, readout):
+            return {"argmax": int(r["pred"]), "median": int(r["median"]), "expected": r["expected"]}[readout]
+        err = [value(r, m["readout"]) - int(r["gold"]) for r in rows[name]]
+        sq = [(value(r, m["rmse_readout"]) - int(r["gold"])) ** 2 for r in rows[name]]
+        assert len(err) == 12
         assert m["mae"] == pytest.approx(sum(abs(e) for e in err) / 12)
-        assert m["rmse"] == pytest.approx(math.sqrt(sum(e * e for e in err) / 12))
+        assert m["rmse"] == pytest.approx(math.sqrt(sum(sq) / 12))
     assert saved["n_users"] == 4 and saved["n_test_queries"] == 12
     assert saved["methods"]["tapper"]["params_per_user"] == 4 * 32
     assert result["n_stage2_examples"] == 16

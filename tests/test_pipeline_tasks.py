@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from recsys_tapper.evaluation import task_report
+from recsys_tapper.job import run
 from recsys_tapper.metrics import classification_metrics, rouge_metrics
-from recsys_tapper.pipeline import run
 from recsys_tapper.synthetic import synthetic_headline_task, synthetic_tagging_task
 from recsys_tapper.tasks import get_task
 from tests.conftest import tiny_config
@@ -126,8 +126,8 @@ def test_generate_matches_step_by_step_argmax_with_a_prefix():
     from embeddings.record_bank import RecordBank
     from llm_bridge.backbone import BackboneConfig, load_backbone
     from llm_bridge.encoder import TextEncoder
+    from recsys_tapper.build import build_tapper
     from recsys_tapper.features import FeatureBuilder
-    from recsys_tapper.pipeline import build_tapper
     from recsys_tapper.users import UserIndex
 
     torch.manual_seed(0)

@@ -91,6 +91,8 @@ DEMO_CASES = {
     "wrong_type": (_dev_case(_good_dev()), ["data.n_users=many"], "data.n_users"),
     "unknown_task": (_dev_case(_good_dev()), ["task.name=LaMP-9"], "task.name 'LaMP-9' is not a task; known: "),
     "unknown_group_option": (_dev_case(_good_dev()), ["model=huge"], "Could not find 'model/huge'"),
+    "unknown_table_optimizer": (_dev_case(_good_dev()), ["trainer.table_optimizer=adam"],
+                                "trainer.table_optimizer 'adam' is not one of adamw, rowwise_adagrad, adagrad, sgd"),
 }
 
 
@@ -249,6 +251,20 @@ def test_entry_points_in_a_subprocess(tmp_path, module):
     assert not out.exists()
 
 
+def test_torchrun_entry_refuses_adamw_on_a_sharded_table(tmp_path):
+    """adamw needs a data_parallel table under torchrun: named before any work, nothing left behind."""
+    data = _lamp_dir(tmp_path / "data", _good_dev())
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "recsys_tapper.dist_train", *TINY, f"data.dir={data}", f"out_dir={out}",
+           "trainer.table_optimizer=adamw", "dist.sharding=column_wise"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert ("trainer.table_optimizer=adamw trains the P_u rows as a dense parameter: use dist.sharding=data_parallel, "
+            "or a fused optimizer (rowwise_adagrad, adagrad, sgd) with dist.sharding=column_wise") in proc.stderr
+    assert not out.exists()
+
+
 def test_top_level_help_imports_nothing_heavy():
     code = ("import sys; sys.argv = ['tapper', '--help']\n"
             "from recsys_tapper.cli import main\n"
@@ -258,7 +274,7 @@ def test_top_level_help_imports_nothing_heavy():
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "commands: demo, export, import, update, benchmark, serve, explain, params" in proc.stdout
+    assert "commands: demo, evaluate, export, import, update, benchmark, serve, explain, params" in proc.stdout
 
 
 def test_command_help_shows_only_that_commands_options(capsys):

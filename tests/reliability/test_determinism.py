@@ -4,7 +4,7 @@ import json
 
 from conftest import tiny_config
 
-from recsys_tapper.pipeline import run
+from recsys_tapper.job import run
 from recsys_tapper.synthetic import synthetic_rating_task
 
 
