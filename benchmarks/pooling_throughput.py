@@ -9,7 +9,8 @@ A batch of B examples with power-law history lengths (P(n) ~ n^-alpha on 1..max_
 - ``padded_factorized``: the same padding, but the factorized scorer (``DINScorer.forward``): isolates what
   the jagged layout alone buys.
 - ``jagged_forward``: ``TimeAwarePooling.forward`` (the training path: jagged, autograd-capable) under no_grad.
-- ``ours``: ``TimeAwarePooling.infer`` on the KeyedJaggedTensor with the record-term cache (exact).
+- ``ours``: ``TimeAwarePooling.infer`` on the ``History`` (record ids in a KJT, day gaps beside them) with the
+  record-term cache (exact).
 - ``ours_lowrank``: the same with ``interaction_rank=k`` (a different function, labelled separately).
 
 Writes the ``pooling_throughput`` section of benchmarks/results/perf.json (other sections are kept).
@@ -46,8 +47,8 @@ from benchmarks.common import (
     speedup_pair,
     write_section,
 )
-from embeddings.history import history_kjt
-from embeddings.pooling import HISTORY_DPOS, HISTORY_DT, TimeAwarePooling, TimeAwarePoolingConfig
+from embeddings.history import build_history
+from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
 
 
 def make_batch(d: int, lengths: torch.Tensor, seed: int):
@@ -59,8 +60,8 @@ def make_batch(d: int, lengths: torch.Tensor, seed: int):
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]).tolist()
     rows = [list(range(s, s + n)) for s, n in zip(starts, lengths.tolist(), strict=True)]
     days = [sorted((torch.rand(n, generator=g) * 365).tolist()) for n in lengths.tolist()]
-    kjt = history_kjt(rows, days, [366.0] * lengths.numel())
-    return q, bank, kjt
+    history = build_history(rows, days, [366.0] * lengths.numel())
+    return q, bank, history
 
 
 def main() -> None:
@@ -87,14 +88,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     d, b = args.d, args.batch
     lengths = power_law_lengths(b, 1, args.max_len, args.alpha, args.seed)
-    q, bank, kjt = make_batch(d, lengths, args.seed)
+    q, bank, history = make_batch(d, lengths, args.seed)
     pool = TimeAwarePooling(TimeAwarePoolingConfig(), d).eval()
     pool_lr = copy.deepcopy(pool)
     pool_lr.cfg = TimeAwarePoolingConfig(interaction_rank=args.rank)
     pool_lr.scorer = lowrank_like(pool.scorer, args.rank)
     lam = (pool.lambda_t.detach(), pool.lambda_o.detach())
-    ids, lens = kjt[HISTORY_DT].values(), kjt[HISTORY_DT].lengths().long()
-    hp, mask, dtp, dposp = pad_jagged(bank, ids, lens, kjt[HISTORY_DT].weights(), kjt[HISTORY_DPOS].weights())
+    ids, lens = history.record_ids(), history.lengths().long()
+    hp, mask, dtp, dposp = pad_jagged(bank, ids, lens, history.dt.values(), history.order_gaps())
     t0 = time.perf_counter()
     cache = pool.scorer.record_term(bank)  # built once with the bank (scorer frozen)
     cache_ms = (time.perf_counter() - t0) * 1e3
@@ -114,9 +115,9 @@ def main() -> None:
             chunk=args.chunk,
             score_fn=padded_factorized_scores(pool.scorer, rtp),
         ),
-        "jagged_forward": lambda: pool(q, kjt, bank, cache)[0],
-        "ours": lambda: pool.infer(q, kjt, bank, cache)[0],
-        "ours_lowrank": lambda: pool_lr.infer(q, kjt, bank, cache_lr)[0],
+        "jagged_forward": lambda: pool(q, history, bank, cache)[0],
+        "ours": lambda: pool.infer(q, history, bank, cache)[0],
+        "ours_lowrank": lambda: pool_lr.infer(q, history, bank, cache_lr)[0],
     }
     outs = {k: f() for k, f in fns.items()}
     lowrank_def = dense_reference_context(
@@ -180,7 +181,7 @@ def main() -> None:
             "Round-robin trials in one process (order rotated); *_ms are medians over trials; speedup is the "
             "median of per-trial ref/ours ratios. rel_err = max|ours-ref| / max|ref| on the pooled context "
             "c (B, d). The record-term cache is built once outside the timing; the padded inputs of the dense "
-            "rows are built outside their timing; ours reads the KJT and gathers from the bank inside."
+            "rows are built outside their timing; ours reads the History and gathers from the bank inside."
         ),
         "settings": {
             "d": d,
