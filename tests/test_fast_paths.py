@@ -167,7 +167,7 @@ def test_infer_bf16_is_close_to_fp32_reference(case):
 
 
 def test_benchmark_dense_reference_is_the_same_function():
-    """The padded dense reference the benchmarks time == the naive per-example loop (+ projection)."""
+    """The padded dense and bucketed references the benchmarks time == the naive per-example loop (+ projection)."""
     d, slots = 16, 3
     rows = [[1, 2, 3], [], [4, 5, 6, 7, 0]]
     q, bank, hist, (hists, dts, dps) = _batch(d, rows, n_records=10)
@@ -193,6 +193,11 @@ def test_benchmark_dense_reference_is_the_same_function():
             score_fn=common.padded_factorized_scores(pool.scorer, rtp),
         )
         assert_close(fac, ref, **FP32)
+        for size in (1, 2, 16):  # length-sorted buckets, each padded to its own longest
+            buckets = common.pad_buckets(bank, ids, lengths, hist.dt.values(), hist.order_gaps(), size=size)
+            assert sorted(i for idx, *_ in buckets for i in idx.tolist()) == [0, 1, 2]
+            assert_close(common.bucketed_reference_context(pool.scorer, *lam, q, buckets), ref, **FP32)
+        assert common.bucket_slots(lengths, 2) == 2 * 3 + 1 * 5  # buckets {1: 0, 0: 3} and {2: 5}
 
 
 def test_gpu_script_path_equals_infer_and_imports_no_torchrec():
