@@ -2,6 +2,8 @@
 
 Pure torch (no torchrec, no fbgemm): ``gpu_pq.py`` imports it on a machine that has only torch.
 
+- ``bucketed_reference_context`` / ``pad_buckets``: the same literal scorer on length-sorted buckets, each padded
+  to its own longest (the baseline a careful user writes).
 - ``dense_reference_pq`` is the paper's design, dense and padded: [q; h; q-h; q*h] for every (padded) slot
   (B, N, 4d) -> Linear(4d->d) -> GELU -> Linear(d->1) -> minus temporal biases -> masked softmax ->
   weighted sum -> Linear(d -> L*d).
@@ -26,7 +28,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -111,6 +113,39 @@ def pad_jagged(bank: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, *ga
         gp[mask.to(g.device)] = g
         padded.append(gp)
     return (hp, mask.to(bank.device), *padded)
+
+
+def length_buckets(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Example indices sorted by length (stable), cut into consecutive groups of ``size``: the batches a careful
+    user pads, each to its own longest."""
+    return list(torch.argsort(lengths, stable=True).split(size))
+
+
+def pad_buckets(bank: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, *gaps: torch.Tensor, size: int):
+    """Jagged (ids, gaps) -> [(idx (b,), hp (b, N_bucket, d), mask (b, N_bucket), *padded gaps)], one per
+    length-sorted bucket of ``size`` examples (``length_buckets``), each padded to its own longest."""
+    starts = (lengths.cumsum(0) - lengths).tolist()
+    out = []
+    for idx in length_buckets(lengths, size):
+        rows = [torch.arange(starts[i], starts[i] + int(lengths[i])) for i in idx.tolist()]
+        sel = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)  # jagged rows of these examples
+        out.append((idx, *pad_jagged(bank, ids[sel], lengths[idx], *(g[sel] for g in gaps))))
+    return out
+
+
+def bucket_slots(lengths: torch.Tensor, size: int) -> int:
+    """Slots (real + padding) of length-sorted buckets of ``size``, each padded to its longest."""
+    return sum(len(idx) * int(lengths[idx].max()) for idx in length_buckets(lengths, size) if len(idx))
+
+
+def bucketed_reference_context(scorer, lam_t, lam_o, q, buckets, score_fn=None) -> torch.Tensor:
+    """Pooled context c (B, d) from ``pad_buckets``' buckets: ``dense_reference_context`` (the literal scorer by
+    default) on each bucket, written back in example order."""
+    d = buckets[0][1].shape[-1]
+    out = buckets[0][1].new_zeros(q.shape[0], d)  # (B, d)
+    for idx, hp, mask, dt, dpos in buckets:
+        out[idx] = dense_reference_context(scorer, lam_t, lam_o, q[idx], hp, mask, dt, dpos, score_fn=score_fn)
+    return out
 
 
 def lowrank_like(scorer: DINScorer, rank: int) -> DINScorer:
@@ -224,10 +259,11 @@ def speedup_pair(times: dict, ref: str, ours: str, rel_err: float | None, **extr
 # ---------------------------------------------------------------- results JSON
 
 
-def run_meta(device: str = "cpu") -> dict:
+def run_meta(device: str = "cpu", files: Sequence[str] = ()) -> dict:
     """command, git sha, dirty flag, machine and date of this run: :func:`recsys_tapper.runmeta.run_meta` with
-    the command taken from ``sys.argv`` (the benchmarks' spelling: ``run_meta()``, ``run_meta("cuda:0")``)."""
-    return _project_run_meta(device=device)
+    the command taken from ``sys.argv`` (the benchmarks' spelling: ``run_meta()``, ``run_meta("cuda:0")``).
+    ``files``: repository-relative paths whose committed state at that sha is recorded (``files_committed``)."""
+    return _project_run_meta(device=device, files=files)
 
 
 def _clean(x):

@@ -7,7 +7,7 @@ Three ways to answer the same MovieLens test questions with the same backbone:
             latency does not depend on trained values.
   rag_k4  : the 4 most recent profile records written into the prompt (the Stage-1 RAG baseline's prompt).
 Time to first token covers everything from the question to the first generated token: prompt building,
-tokenization, (tapper) history KJT + pooling + projection, and the prefill. Time per answer generates
+tokenization, (tapper) history (KJT + day gaps) + pooling + projection, and the prefill. Time per answer generates
 ``--new-tokens`` greedy tokens with a KV cache.
 
     python benchmarks/serve_latency.py --questions 40

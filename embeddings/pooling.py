@@ -5,19 +5,21 @@ For every example b with history records j (jagged, no padding):
     s_j = DIN(q_b, h_j) - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)
     alpha = softmax_j(s)          c_b = sum_j alpha_j h_j
 
-History travels as a weighted KeyedJaggedTensor with two keys that share lengths and values (record ids):
+History arrives as a ``History`` (``embeddings.history``): record ids in a KeyedJaggedTensor with one key and no
+weights, day gaps beside them in a JaggedTensor with the same lengths; the order gap comes from the lengths:
 
-    key           example 0         example 1     example 2
-    history_dt    [r3, r7]          []            [r1, r2, r9]      weights: days between query and record
-    history_dpos  [r3, r7]          []            [r1, r2, r9]      weights: order gap, most recent = 1
+    feature          example 0       example 1   example 2
+    ids["history"]   [r3, r7]        []          [r1, r2, r9]      bank rows
+    dt               [3.0, 0.5]      []          [0.0, 2.0, 1.0]   days between query and record
+    order gap        [2, 1]          []          [3, 2, 1]         from lengths, most recent = 1
 
 Example::
 
     pool = TimeAwarePooling(TimeAwarePoolingConfig(), d=576)
-    c, alpha = pool(q, history_kjt, bank)      # c: (B, d), alpha: (T,)
+    c, alpha = pool(q, history, bank)      # c: (B, d), alpha: (T,)
 
     cache = pool.scorer.record_term(bank).detach()   # once per bank while the scorer is frozen
-    c, alpha = pool.infer(q, history_kjt, bank, cache)   # same c, inference fast path
+    c, alpha = pool.infer(q, history, bank, cache)   # same c, inference fast path
 """
 
 from __future__ import annotations
@@ -26,13 +28,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embeddings.history import History, order_gaps
 from embeddings.jagged import segment_ids, segment_softmax, segment_sum, softmax_pool
 from embeddings.scorer import DINScorer
-
-HISTORY_DT = "history_dt"
-HISTORY_DPOS = "history_dpos"
 
 
 @dataclass
@@ -81,7 +80,7 @@ class TimeAwarePooling(nn.Module):
     def forward(
         self,
         q: torch.Tensor,
-        history: KeyedJaggedTensor,
+        history: History,
         bank: torch.Tensor,
         record_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,17 +88,16 @@ class TimeAwarePooling(nn.Module):
 
         Args:
             q: (B, d) query vectors.
-            history: KJT with keys ``history_dt`` and ``history_dpos`` (record ids as values, gaps as weights).
+            history: ``History``: record ids (KJT, key ``history``) and day gaps (JaggedTensor) of B examples.
             bank: (R, d) record vectors; record ids index its rows.
             record_terms: optional (R, d) cache of ``scorer.record_term(bank)`` (valid while the scorer is frozen).
 
         Returns:
             c: (B, d) pooled context, zeros for an empty history; alpha: (T,) attention weights.
         """
-        jt_dt, jt_pos = history[HISTORY_DT], history[HISTORY_DPOS]
-        ids = jt_dt.values()  # (T,)
+        ids = history.record_ids()  # (T,)
         num = q.shape[0]
-        seg = segment_ids(jt_dt.lengths())  # (T,)
+        seg = segment_ids(history.lengths())  # (T,)
         h = bank[ids]  # (T, d)
         if record_terms is None:
             uniq, inv = torch.unique(ids, return_inverse=True)  # records shared across examples: once each
@@ -108,7 +106,7 @@ class TimeAwarePooling(nn.Module):
             rt = record_terms[ids]
         qt = self.scorer.query_term(q)[seg]  # (T, d): d^2 per query, not per record
         s = self.scorer.combine(qt, rt, self.scorer.pair_term(q[seg], h))  # (T,)
-        s = s - self.bias(jt_dt.weights(), jt_pos.weights())
+        s = s - self.bias(history.dt.values(), history.order_gaps())
         alpha = segment_softmax(s, seg, num)  # (T,)
         c = segment_sum(alpha[:, None] * h, seg, num)  # (B, d)
         return c, alpha
@@ -117,7 +115,7 @@ class TimeAwarePooling(nn.Module):
     def infer(
         self,
         q: torch.Tensor,
-        history: KeyedJaggedTensor,
+        history: History,
         bank: torch.Tensor,
         record_terms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,13 +129,12 @@ class TimeAwarePooling(nn.Module):
         Returns:
             c: (B, d) in ``bank``'s dtype; alpha: (T,) fp32.
         """
-        jt_dt, jt_pos = history[HISTORY_DT], history[HISTORY_DPOS]
-        ids = jt_dt.values()  # (T,)
-        lengths = jt_dt.lengths().long()  # (B,)
+        ids = history.record_ids()  # (T,)
+        lengths = history.lengths().long()  # (B,)
         h = _rows(bank, ids)  # (T, d)
         rt = None if record_terms is None else _rows(record_terms, ids)  # (T, d)
         s = self.scorer.score_jagged(q, h, lengths, rt).float()  # (T,)
-        s = s - self.bias(jt_dt.weights().float(), jt_pos.weights().float())
+        s = s - self.bias(history.dt.values().float(), order_gaps(lengths, ids.numel()))
         return softmax_pool(s, h, lengths)
 
     def reference(

@@ -25,7 +25,7 @@ column_wise identical to one process).
 Example::
 
     dmp = shard_user_tower(tower, sharding="column_wise", optimizer="rowwise_adagrad", lr=0.05)
-    user_state, context, alpha = dmp(user_kjt, history_kjt, q, bank)
+    user_state, context, alpha = dmp(user_kjt, history, q, bank)
     full = gather_user_table(dmp)            # (U, r) on rank 0, None elsewhere
     save_checkpoint(root, step, {"tower": dmp.state_dict(), "table_optim": dmp.fused_optimizer.state_dict()})
 """

@@ -1,14 +1,15 @@
-"""The user tower: a plain TorchRec-style module from KJTs to user state and pooled history.
+"""The user tower: a plain TorchRec-style module from jagged features to user state and pooled history.
 
 It holds the sharded-able parts only (the P_u table and the time-aware pooling); the frozen LLM stays
 outside, so DistributedModelParallel can wrap this module alone. It can sit inside any TorchRec model:
-inputs are KJTs and dense query vectors, outputs are dense tensors.
+inputs are the ``user_id`` KJT, a ``History`` (record ids in a KJT, day gaps in a JaggedTensor beside it) and
+dense query vectors; outputs are dense tensors. DMP's input dist only touches ``users`` (the sharded table).
 
 Example::
 
     tower = UserTower(UserStateTable(UserStateConfig(943, 8 * 576)),
                       TimeAwarePooling(TimeAwarePoolingConfig(), d=576))
-    user_state, context, alpha = tower(user_kjt, history_kjt, q, bank)   # (B, L*d), (B, d), (T,)
+    user_state, context, alpha = tower(user_kjt, history, q, bank)   # (B, L*d), (B, d), (T,)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embeddings.history import History
 from embeddings.pooling import TimeAwarePooling
 from embeddings.user_state import UserStateTable
 
@@ -30,7 +32,7 @@ class UserTower(nn.Module):
     def forward(
         self,
         users: KeyedJaggedTensor,
-        history: KeyedJaggedTensor,
+        history: History,
         q: torch.Tensor,
         bank: torch.Tensor,
         record_terms: torch.Tensor | None = None,

@@ -1,6 +1,6 @@
 """The TAP-PER user tower inside an ordinary TorchRec ranking model (two-tower / DLRM-style).
 
-The UserTower is a plain TorchRec module: KJTs in (``user_id``; ``history_dt``/``history_dpos``), dense
+The UserTower is a plain TorchRec module: KJTs in (``user_id``; a ``History``: ``history`` ids + day gaps), dense
 tensors out. Here it is the user side of a click model whose item side is an EmbeddingBagCollection over
 ``item_id``; a small MLP scores the concatenation [P_u row | pooled history | item]. One forward and
 backward pass, then a check that gradients reached the user table, the attention scorer and the item table.
@@ -19,7 +19,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.modules.mlp import MLP
 
-from embeddings.history import history_kjt
+from embeddings.history import History, build_history
 from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
 from embeddings.tower import UserTower
 from embeddings.user_state import UserStateConfig, UserStateTable, user_kjt
@@ -34,7 +34,7 @@ class RankingModel(nn.Module):
         self.items = items
         self.over = MLP(user_dim + d + item_dim, [32, 1], activation="relu")
 
-    def forward(self, users: KeyedJaggedTensor, history: KeyedJaggedTensor, q: torch.Tensor, bank: torch.Tensor,
+    def forward(self, users: KeyedJaggedTensor, history: History, q: torch.Tensor, bank: torch.Tensor,
                 item_kjt: KeyedJaggedTensor) -> torch.Tensor:
         user_state, context, _ = self.tower(users, history, q, bank)  # (B, user_dim), (B, d)
         item = self.items(item_kjt)["item_id"]  # (B, item_dim), mean of each example's items
@@ -53,9 +53,9 @@ def main(seed: int = 0) -> dict[str, float]:
 
     bank = torch.randn(n_records, d)  # (R, d) frozen record vectors (the record bank)
     users = user_kjt([0, 2, None, 1])
-    history = history_kjt([[0, 1, 2], [3, 4], [5], []],
-                          record_days=[[1.0, 2.0, 4.0], [3.0, None], [7.0], []],
-                          query_days=[5.0, 6.0, None, 9.0])
+    history = build_history([[0, 1, 2], [3, 4], [5], []],
+                            record_days=[[1.0, 2.0, 4.0], [3.0, None], [7.0], []],
+                            query_days=[5.0, 6.0, None, 9.0])
     item_kjt = KeyedJaggedTensor.from_lengths_sync(keys=["item_id"], values=torch.tensor([5, 1, 7, 3, 0]),
                                                    lengths=torch.tensor([1, 2, 1, 1], dtype=torch.int32))
     q = torch.randn(4, d)  # (B, d) query vectors

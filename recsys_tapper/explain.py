@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from embeddings.pooling import HISTORY_DPOS, HISTORY_DT
 from recsys_tapper.data import format_date
 from recsys_tapper.model import TapperModel
 from recsys_tapper.serve import Query, Server, _day
@@ -77,9 +76,8 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     model.eval()
     pool = model.tower.pooling
     lam_t, lam_o = float(pool.lambda_t), float(pool.lambda_o)
-    jt_dt, jt_pos = batch.history[HISTORY_DT], batch.history[HISTORY_DPOS]
-    ids = jt_dt.values()  # (T,) bank rows
-    dt, dpos = jt_dt.weights().float(), jt_pos.weights().float()  # (T,) days before the query, order gap
+    ids = batch.history.record_ids()  # (T,) bank rows
+    dt, dpos = batch.history.dt.values().float(), batch.history.order_gaps()  # (T,) days before the query, order gap
     if len(ids) != len(recs):
         raise RuntimeError(f"history has {len(recs)} records but the batch carries {len(ids)}")
 

@@ -1,8 +1,8 @@
 """The one feature builder, shared by training and serving: examples -> model-ready batches.
 
 A ``Sample`` is one (user, visible history, query, answer) item. ``FeatureBuilder.collate`` turns a list of
-samples into a ``Batch``: the user KJT, the history KJT (record rows + time and order gaps), query vectors,
-and right-padded prompt+answer token ids with answer-only labels.
+samples into a ``Batch``: the user KJT, the ``History`` (record rows in a KJT, day gaps beside them), query
+vectors, and right-padded prompt+answer token ids with answer-only labels.
 
 Example::
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.history import history_kjt
+from embeddings.history import History, build_history
 from embeddings.record_bank import RecordBank
 from embeddings.user_state import user_kjt
 
@@ -49,7 +49,7 @@ class Sample:
 class Batch:
     ids: list[str]
     users: KeyedJaggedTensor
-    history: KeyedJaggedTensor
+    history: History
     q: torch.Tensor  # (B, d)
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
@@ -60,7 +60,7 @@ class Batch:
     items: KeyedJaggedTensor | None = None  # ``item_id`` KJT when the builder has an item index
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor (and KJT) on ``device``, as TorchRec's ``Batch.to``."""
+        """A copy with every tensor (KJT, ``History``) on ``device``, as TorchRec's ``Batch.to``."""
         def mv(x):
             return None if x is None else x.to(device=device, non_blocking=non_blocking)
 
@@ -216,8 +216,8 @@ class FeatureBuilder:
         return Batch(
             ids=[s.id for s in samples],
             users=user_kjt(user_rows),
-            history=history_kjt([s.history_rows for s in samples], [s.history_days for s in samples],
-                                [s.query_day for s in samples]),
+            history=build_history([s.history_rows for s in samples], [s.history_days for s in samples],
+                                  [s.query_day for s in samples]),
             q=self.encoder.encode([s.question for s in samples]),
             input_ids=input_ids,
             attention_mask=mask,

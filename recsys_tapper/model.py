@@ -1,6 +1,6 @@
 """TAP-PER: user tower (TorchRec) + bridge projector + frozen causal LM with a bridge LoRA.
 
-    users KJT, history KJT, q ──► UserTower ──► (P_u row, pooled context c)
+    users KJT, History, q     ──► UserTower ──► (P_u row, pooled context c)
                                      BridgeProjector ──► prefix P = P_u + P_q   (B, L, d)
     items KJT (optional) ──► ItemSlots ──► P_i (B, L_i, d), appended: P = [P_u + P_q | P_i]
     prompt tokens ──► embed ──► [P | tokens] ──► LM (+ bridge LoRA) ──► logits           prefix_layer k = 0

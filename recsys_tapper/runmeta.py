@@ -9,6 +9,8 @@ Example::
     meta = run_meta()                      # command = this process's command line
     meta = run_meta("tapper benchmark results_dir=r", device="cuda:0")
     meta["git_sha"], meta["dirty"], meta["machine"]["cpu_flags"]     # '9f2c…' (40 hex), False, ['avx2', …]
+    meta = run_meta(files=["benchmarks/pooling_throughput.py"])
+    meta["files_committed"]                 # {'benchmarks/pooling_throughput.py': True}
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +41,15 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _git_ok(*args: str) -> bool | None:
+    """Whether ``git args`` exits 0; None outside a checkout or without git."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.returncode == 0
+
+
 def git_sha() -> str | None:
     """The full sha of HEAD (40 hex digits), or None outside a checkout."""
     return _git("rev-parse", "HEAD")
@@ -48,6 +60,22 @@ def git_dirty() -> bool | None:
     do not count: results files are outputs, not code."""
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return None if status is None else bool(status)
+
+
+def files_committed(paths: Sequence[str], sha: str | None = None) -> dict[str, bool | None]:
+    """For each repository-relative path: True when the file exists at ``sha`` (default HEAD) and the working
+    tree's copy equals it, i.e. the results can be reproduced from that commit; False for an uncommitted,
+    untracked or modified file; None outside a checkout."""
+    sha = sha or git_sha()
+    out: dict[str, bool | None] = {}
+    for p in paths:
+        if sha is None:
+            out[p] = None
+            continue
+        tracked = _git_ok("cat-file", "-e", f"{sha}:{p}")
+        same = _git_ok("diff", "--quiet", sha, "--", p)
+        out[p] = None if tracked is None or same is None else (tracked and same)
+    return out
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -85,21 +113,27 @@ def machine(device: str = "cpu") -> dict:
     }
 
 
-def run_meta(command: str | None = None, device: str = "cpu") -> dict:
+def run_meta(command: str | None = None, device: str = "cpu", files: Sequence[str] = ()) -> dict:
     """The provenance block of a results file.
 
     Args:
         command: the command that produced the results; None = this process's (``python`` + ``sys.argv``).
         device: the compute device (``cpu``, ``cuda:0``); a CUDA device's name is recorded.
+        files: repository-relative paths (e.g. the benchmark script itself) to check against the recorded sha.
 
     Returns:
         ``{"command", "git_sha" (full, or None), "dirty" (bool, or None outside a checkout), "date" (ISO 8601,
-        UTC, seconds), "machine": machine(device)}``.
+        UTC, seconds), "machine": machine(device)}``, plus ``"files_committed": files_committed(files, sha)``
+        when ``files`` is given (``dirty`` ignores untracked files; this does not).
     """
-    return {
+    sha = git_sha()
+    meta = {
         "command": shlex.join(["python", *sys.argv]) if command is None else command,
-        "git_sha": git_sha(),
+        "git_sha": sha,
         "dirty": git_dirty(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(device),
     }
+    if files:
+        meta["files_committed"] = files_committed(files, sha)
+    return meta

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from embeddings.cold_start import COLD_START_MODES, cold_start_rows, served_by
-from embeddings.pooling import HISTORY_DT
 from llm_bridge.encoder import TextEncoder
 from recsys_tapper.checkpoint import load_model, read_histories
 from recsys_tapper.data import ProfileRecord, parse_date
@@ -188,7 +187,7 @@ class Server:
                 "pred": labels[int(p.argmax())],
                 "probs": {lab: float(x) for lab, x in zip(labels, p)},
                 "served_by": served_by(not batch.cold[i], self.cold_start),
-                "n_history": int(batch.history[HISTORY_DT].lengths()[i]),
+                "n_history": int(batch.history.lengths()[i]),
                 "query_date": _day(q.date, "date"),
             }
             if values is not None:

@@ -8,7 +8,7 @@ scorer alone can find same-genre records but cannot tell old from new; lambda_t 
 
 import torch
 
-from embeddings.history import history_kjt
+from embeddings.history import build_history
 from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
 from recsys_tapper.synthetic import GENRES, synthetic_rating_task
 
@@ -43,7 +43,7 @@ def _data(drift: bool):
 
 
 def _batch(items):
-    kjt = history_kjt([x[0] for x in items], [x[1] for x in items], [x[2] for x in items])
+    kjt = build_history([x[0] for x in items], [x[1] for x in items], [x[2] for x in items])
     return kjt, torch.stack([x[3] for x in items]), torch.tensor([x[4] for x in items])
 
 

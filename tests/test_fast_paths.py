@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from embeddings.history import gaps, history_kjt
+from embeddings.history import build_history, gaps
 from embeddings.jagged import segment_ids, segment_softmax, segment_sum, segment_weighted_sum, softmax_pool
 from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
 from embeddings.scorer import DINScorer
@@ -95,7 +95,7 @@ def _batch(d, rows, n_records, seed=0):
     g = torch.Generator().manual_seed(seed)
     days = [sorted((torch.rand(len(r), generator=g) * 30).tolist()) for r in rows]
     qdays = [40.0 if i % 2 == 0 else None for i in range(len(rows))]
-    kjt = history_kjt(rows, days, qdays)
+    hist = build_history(rows, days, qdays)
     bank, q = torch.randn(n_records, d, generator=g), torch.randn(len(rows), d, generator=g)
     hists = [bank[torch.tensor(r, dtype=torch.long)] for r in rows]
     dts, dps = [], []
@@ -103,7 +103,7 @@ def _batch(d, rows, n_records, seed=0):
         a, b = gaps(dd, qd)
         dts.append(torch.tensor(a))
         dps.append(torch.tensor(b))
-    return q, bank, kjt, (hists, dts, dps)
+    return q, bank, hist, (hists, dts, dps)
 
 
 def _pool(d, rank=None):
@@ -128,24 +128,24 @@ ROWS = {
 def test_infer_equals_naive_loop_and_forward(case, cached):
     d = 32
     rows = ROWS[case]
-    q, bank, kjt, (hists, dts, dps) = _batch(d, rows, n_records=50)
+    q, bank, hist, (hists, dts, dps) = _batch(d, rows, n_records=50)
     pool = _pool(d)
     cache = pool.scorer.record_term(bank).detach() if cached else None
-    c, alpha = pool.infer(q, kjt, bank, cache)
+    c, alpha = pool.infer(q, hist, bank, cache)
     assert_close(c, pool.reference(q, hists, dts, dps).detach(), **FP32)
-    c_fwd, alpha_fwd = pool(q, kjt, bank, cache)
+    c_fwd, alpha_fwd = pool(q, hist, bank, cache)
     assert_close(c, c_fwd.detach(), **FP32)
     assert_close(alpha, alpha_fwd.detach(), **FP32)
 
 
 def test_infer_lowrank_equals_forward():
     d = 32
-    q, bank, kjt, _ = _batch(d, ROWS["batch_with_empty_and_duplicates"], n_records=50)
+    q, bank, hist, _ = _batch(d, ROWS["batch_with_empty_and_duplicates"], n_records=50)
     pool = _pool(d, rank=4)
     cache = pool.scorer.record_term(bank).detach()
     for qq, kk in [
-        (q, kjt),
-        (q[:1], history_kjt([list(range(40))], [[float(i) for i in range(40)]], [50.0])),
+        (q, hist),
+        (q[:1], build_history([list(range(40))], [[float(i) for i in range(40)]], [50.0])),
     ]:
         c, _ = pool.infer(qq, kk, bank, cache)
         assert_close(c, pool(qq, kk, bank, cache)[0].detach(), **FP32)
@@ -154,28 +154,26 @@ def test_infer_lowrank_equals_forward():
 @pytest.mark.parametrize("case", ["batch_with_empty_and_duplicates", "single_long_contiguous"])
 def test_infer_bf16_is_close_to_fp32_reference(case):
     d = 32
-    q, bank, kjt, (hists, dts, dps) = _batch(d, ROWS[case], n_records=50)
+    q, bank, hist, (hists, dts, dps) = _batch(d, ROWS[case], n_records=50)
     pool = _pool(d)
     ref = pool.reference(q, hists, dts, dps).detach()
     pool16 = _pool(d)
     pool16.load_state_dict(pool.state_dict())
     pool16 = pool16.to(torch.bfloat16)
     bank16 = bank.to(torch.bfloat16)
-    c, alpha = pool16.infer(q.to(torch.bfloat16), kjt, bank16, pool16.scorer.record_term(bank16))
+    c, alpha = pool16.infer(q.to(torch.bfloat16), hist, bank16, pool16.scorer.record_term(bank16))
     assert c.dtype == torch.bfloat16 and alpha.dtype == torch.float32
     assert_close(c.float(), ref, **BF16)
 
 
 def test_benchmark_dense_reference_is_the_same_function():
-    """The padded dense reference the benchmarks time == the naive per-example loop (+ projection)."""
+    """The padded dense and bucketed references the benchmarks time == the naive per-example loop (+ projection)."""
     d, slots = 16, 3
     rows = [[1, 2, 3], [], [4, 5, 6, 7, 0]]
-    q, bank, kjt, (hists, dts, dps) = _batch(d, rows, n_records=10)
+    q, bank, hist, (hists, dts, dps) = _batch(d, rows, n_records=10)
     pool = _pool(d)
-    ids, lengths = kjt["history_dt"].values(), kjt["history_dt"].lengths().long()
-    hp, mask, dtp, dpp = common.pad_jagged(
-        bank, ids, lengths, kjt["history_dt"].weights(), kjt["history_dpos"].weights()
-    )
+    ids, lengths = hist.record_ids(), hist.lengths().long()
+    hp, mask, dtp, dpp = common.pad_jagged(bank, ids, lengths, hist.dt.values(), hist.order_gaps())
     lam = (pool.lambda_t.detach(), pool.lambda_o.detach())
     proj = nn.Linear(d, slots * d)
     with torch.no_grad():
@@ -195,16 +193,20 @@ def test_benchmark_dense_reference_is_the_same_function():
             score_fn=common.padded_factorized_scores(pool.scorer, rtp),
         )
         assert_close(fac, ref, **FP32)
+        for size in (1, 2, 16):  # length-sorted buckets, each padded to its own longest
+            buckets = common.pad_buckets(bank, ids, lengths, hist.dt.values(), hist.order_gaps(), size=size)
+            assert sorted(i for idx, *_ in buckets for i in idx.tolist()) == [0, 1, 2]
+            assert_close(common.bucketed_reference_context(pool.scorer, *lam, q, buckets), ref, **FP32)
+        assert common.bucket_slots(lengths, 2) == 2 * 3 + 1 * 5  # buckets {1: 0, 0: 3} and {2: 5}
 
 
 def test_gpu_script_path_equals_infer_and_imports_no_torchrec():
     from benchmarks import gpu_pq
 
     d = 32
-    q, bank, kjt, _ = _batch(d, ROWS["batch_with_empty_and_duplicates"], n_records=50)
+    q, bank, hist, _ = _batch(d, ROWS["batch_with_empty_and_duplicates"], n_records=50)
     pool = _pool(d)
     cache = pool.scorer.record_term(bank).detach()
-    jt, jp = kjt["history_dt"], kjt["history_dpos"]
     c = gpu_pq.fast_context(
         pool.scorer,
         pool.lambda_t.detach(),
@@ -212,12 +214,12 @@ def test_gpu_script_path_equals_infer_and_imports_no_torchrec():
         q,
         bank,
         cache,
-        jt.values(),
-        jt.lengths().long(),
-        jt.weights(),
-        jp.weights(),
+        hist.record_ids(),
+        hist.lengths().long(),
+        hist.dt.values(),
+        hist.order_gaps(),
     )
-    assert_close(c, pool.infer(q, kjt, bank, cache)[0], **FP32)
+    assert_close(c, pool.infer(q, hist, bank, cache)[0], **FP32)
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r}); import benchmarks.gpu_pq; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu')]; "

@@ -1,11 +1,13 @@
 import math
 
+import pytest
 import torch
 from torch.testing import assert_close
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.history import gaps, history_kjt
+from embeddings.history import HISTORY, History, build_history, gaps, order_gaps
 from embeddings.jagged import segment_ids, segment_softmax, segment_sum
-from embeddings.pooling import HISTORY_DPOS, HISTORY_DT, TimeAwarePooling, TimeAwarePoolingConfig
+from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
 from embeddings.scorer import DINScorer
 
 
@@ -49,8 +51,8 @@ def test_jagged_pooling_equals_naive_loop():
     with torch.no_grad():
         pool.lambda_t.fill_(0.7)
         pool.lambda_o.fill_(-0.3)
-    kjt = history_kjt(rows, days, qdays)
-    c, alpha = pool(q, kjt, bank)
+    hist = build_history(rows, days, qdays)
+    c, alpha = pool(q, hist, bank)
     hists = [bank[torch.tensor(r, dtype=torch.long)] for r in rows]
     dts, dps = [], []
     for r, dd, qd in zip(rows, days, qdays):
@@ -62,34 +64,34 @@ def test_jagged_pooling_equals_naive_loop():
     assert_close(c[1], torch.zeros(8))  # empty history pools to zeros
     assert alpha.shape == (9,)
     # cached record terms give the same answer
-    c2, _ = pool(q, kjt, bank, record_terms=pool.scorer.record_term(bank))
+    c2, _ = pool(q, hist, bank, record_terms=pool.scorer.record_term(bank))
     assert_close(c2, c, rtol=1e-5, atol=1e-5)
 
 
 def test_time_bias_moves_weight_to_recent_records_by_the_formula():
     pool = TimeAwarePooling(TimeAwarePoolingConfig(order_bias=False), d=4)
     h = torch.randn(1, 4).repeat(2, 1)  # identical records: DIN scores tie, only the bias differs
-    kjt = history_kjt([[0, 1]], [[0.0, 9.0]], [10.0])  # gaps: 10 days and 1 day
+    hist = build_history([[0, 1]], [[0.0, 9.0]], [10.0])  # gaps: 10 days and 1 day
     with torch.no_grad():
         pool.lambda_t.fill_(1.0)
-    _, alpha = pool(torch.randn(1, 4), kjt, h)
+    _, alpha = pool(torch.randn(1, 4), hist, h)
     # s_old - s_new = -(log 11 - log 2): alpha_new / alpha_old = 11 / 2
     assert_close(alpha[1] / alpha[0], torch.tensor(11.0 / 2.0))
     with torch.no_grad():
         pool.lambda_t.fill_(-1.0)  # negative lambda favours older records
-    _, alpha = pool(torch.randn(1, 4), kjt, h)
+    _, alpha = pool(torch.randn(1, 4), hist, h)
     assert alpha[0] > alpha[1]
 
 
 def test_order_bias_uses_position_gap():
     pool = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False), d=4)
     h = torch.randn(1, 4).repeat(3, 1)
-    kjt = history_kjt([[0, 1, 2]], [[None, None, None]], [None])
-    assert kjt[HISTORY_DPOS].weights().tolist() == [3.0, 2.0, 1.0]
-    assert kjt[HISTORY_DT].weights().tolist() == [0.0, 0.0, 0.0]
+    hist = build_history([[0, 1, 2]], [[None, None, None]], [None])
+    assert hist.order_gaps().tolist() == [3.0, 2.0, 1.0]
+    assert hist.dt.values().tolist() == [0.0, 0.0, 0.0]
     with torch.no_grad():
         pool.lambda_o.fill_(2.0)
-    _, alpha = pool(torch.randn(1, 4), kjt, h)
+    _, alpha = pool(torch.randn(1, 4), hist, h)
     expect = torch.softmax(-2.0 * torch.log1p(torch.tensor([3.0, 2.0, 1.0])), 0)
     assert_close(alpha, expect)
     assert math.isclose(alpha.sum().item(), 1.0, rel_tol=1e-6)
@@ -98,5 +100,28 @@ def test_order_bias_uses_position_gap():
 def test_disabled_biases_ignore_gaps():
     pool = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False, order_bias=False), d=4)
     h = torch.randn(1, 4).repeat(2, 1)
-    _, alpha = pool(torch.randn(1, 4), history_kjt([[0, 1]], [[0.0, 9.0]], [10.0]), h)
+    _, alpha = pool(torch.randn(1, 4), build_history([[0, 1]], [[0.0, 9.0]], [10.0]), h)
     assert_close(alpha, torch.tensor([0.5, 0.5]))
+
+
+def test_history_is_one_unweighted_kjt_key_with_day_gaps_beside_it():
+    hist = build_history([[3, 7], [], [1, 2, 9]], [[10.0, 12.5], [], [None, 4.0, 5.0]], [13.0, None, 6.0])
+    assert hist.ids.keys() == [HISTORY] and hist.ids.weights_or_none() is None
+    assert hist.record_ids().tolist() == [3, 7, 1, 2, 9]
+    assert hist.lengths().tolist() == [2, 0, 3] and hist.dt.lengths().tolist() == [2, 0, 3]
+    assert hist.dt.values().tolist() == [3.0, 0.5, 0.0, 2.0, 1.0]
+    assert hist.order_gaps().tolist() == [2.0, 1.0, 3.0, 2.0, 1.0]
+    moved = hist.to("cpu")
+    assert moved.record_ids().tolist() == [3, 7, 1, 2, 9] and moved.dt.values().tolist() == [3.0, 0.5, 0.0, 2.0, 1.0]
+    # gaps must not hide in KJT weights
+    with pytest.raises(ValueError, match="carry no weights"):
+        History(KeyedJaggedTensor.from_lengths_sync(keys=[HISTORY], values=hist.record_ids(),
+                                                    lengths=hist.lengths(), weights=hist.dt.values()), hist.dt)
+
+
+@pytest.mark.parametrize("lengths", [[], [0], [4], [2, 0, 3, 1, 0], [0, 0]])
+def test_order_gaps_from_lengths_equal_the_per_example_gaps(lengths):
+    expect = [g for n in lengths for g in gaps([None] * n, None)[1]]
+    got = order_gaps(torch.tensor(lengths, dtype=torch.int32))
+    assert got.dtype == torch.float32 and got.tolist() == expect
+    assert order_gaps(torch.tensor(lengths), total=sum(lengths)).tolist() == expect

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from recsys_tapper.runmeta import CPU_FLAGS, REPO, run_meta
+from recsys_tapper.runmeta import CPU_FLAGS, REPO, files_committed, run_meta
 
 
 def _git(*args: str) -> str:
@@ -43,3 +43,14 @@ def test_benchmarks_run_meta_is_the_same_block_with_the_command_from_argv():
     meta = bench_meta()
     assert meta["command"] == shlex.join(["python", *sys.argv])
     assert set(meta) == set(run_meta("x")) and meta["machine"]["cpu_flags"] == run_meta("x")["machine"]["cpu_flags"]
+
+
+def test_run_meta_says_whether_named_files_are_committed_at_the_sha():
+    path = "recsys_tapper/runmeta.py"
+    meta = run_meta("x", files=[path, "no/such_file.py"])
+    same = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path], cwd=REPO, check=False).returncode == 0
+    assert meta["files_committed"] == {path: same, "no/such_file.py": False}
+    # a file that exists here but not at an older commit is not "committed at" that commit
+    root = _git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+    at_root = subprocess.run(["git", "cat-file", "-e", f"{root}:{path}"], cwd=REPO, check=False).returncode == 0
+    assert at_root or files_committed([path], sha=root) == {path: False}
