@@ -23,20 +23,6 @@ def lamp_files(train_split: str, test_split: str, task_trains_on_questions: bool
     return need + [f"{train_split}_outputs.json"] if task_trains_on_questions else need
 
 
-TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad", "adagrad", "sgd")
-
-
-def check_table_optimizer(name: str, sharding: str | None = None) -> None:
-    """``trainer.table_optimizer`` is known, and under torchrun (``sharding`` given) ``adamw`` has a
-    ``data_parallel`` table."""
-    if name not in TABLE_OPTIMIZERS:
-        raise InputError(f"trainer.table_optimizer {name!r} is not one of {', '.join(TABLE_OPTIMIZERS)}")
-    if name == "adamw" and sharding not in (None, "data_parallel"):
-        raise InputError(f"trainer.table_optimizer=adamw trains the P_u rows as a dense parameter: use "
-                         f"dist.sharding=data_parallel, or a fused optimizer (rowwise_adagrad, adagrad, sgd) "
-                         f"with dist.sharding={sharding}")
-
-
 def check_run_config(cfg) -> None:
     """Check ``task.name``, ``data.source`` and, for ``lamp``, that ``data.dir`` holds the files it needs.
 
@@ -53,6 +39,8 @@ def check_run_config(cfg) -> None:
         raise InputError(f"task.name {cfg.task.name!r} is not a task; known: {', '.join(sorted(TASKS))}")
     if cfg.data.source not in DATA_SOURCES:
         raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    from recsys_tapper.config import check_table_optimizer
+
     check_table_optimizer(cfg.trainer.table_optimizer, getattr(getattr(cfg, "dist", None), "sharding", None))
     if cfg.data.source == "lamp":
         need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)

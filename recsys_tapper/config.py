@@ -14,6 +14,7 @@ from embeddings.pooling import TimeAwarePoolingConfig
 from llm_bridge.backbone import BackboneConfig
 from llm_bridge.lora import LoraSpec
 from llm_bridge.projector import BridgeProjectorConfig
+from recsys_tapper.errors import InputError
 from recsys_tapper.training import OptimConfig
 
 
@@ -115,6 +116,20 @@ class TrainerConfig:
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 32
     class_readout: str = "both"
+
+
+TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad", "adagrad", "sgd")
+
+
+def check_table_optimizer(name: str, sharding: str | None = None) -> None:
+    """``trainer.table_optimizer`` is known, and under torchrun (``sharding`` given) ``adamw`` has a
+    ``data_parallel`` table."""
+    if name not in TABLE_OPTIMIZERS:
+        raise InputError(f"trainer.table_optimizer {name!r} is not one of {', '.join(TABLE_OPTIMIZERS)}")
+    if name == "adamw" and sharding not in (None, "data_parallel"):
+        raise InputError(f"trainer.table_optimizer=adamw trains the P_u rows as a dense parameter: use "
+                         f"dist.sharding=data_parallel, or a fused optimizer (rowwise_adagrad, adagrad, sgd) "
+                         f"with dist.sharding={sharding}")
 
 
 @dataclass

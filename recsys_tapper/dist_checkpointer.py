@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from embeddings.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from recsys_tapper.dist_executor import Ctx
+from recsys_tapper.dist_context import Ctx
 from recsys_tapper.model import TapperModel
 
 log = logging.getLogger(__name__)

@@ -1,109 +1,36 @@
-"""The process group and the per-rank view of a sharded job: who am I, which device, which slice of a batch.
-
-- ``init_distributed`` joins torchrun's group, or creates a group of one for plain ``python -m``.
-- ``DeviceFeatures`` is the FeatureBuilder seen from a rank's device: collated batches and the bank live there.
-- ``CpuEmbeddings`` lets the record encoder stay on CPU while the backbone sits on an accelerator.
-- ``global_batches`` / ``rank_slice`` cut the samples: every rank walks the same global batches and takes
-  its own contiguous slice of each.
+"""The job's executor under torchrun (``recsys_tapper.executors.Executor``): DMP for the P_u table, the
+data-parallel loops of ``dist_loop``, DCP checkpoints of ``dist_checkpointer``; the process group and the
+per-rank view (``Ctx``, batch slices, device shims) are ``dist_context``.
 
 Example::
 
-    ctx, created = init_distributed()                 # Ctx(rank, world, device)
-    for lo, hi in global_batches(len(samples), 16, epochs=1, world=ctx.world):
-        batch = feats.collate(rank_slice(samples[lo:hi], ctx.rank, ctx.world))
+    ctx, created = init_distributed()
+    result = run_job(cfg, DistExecutor(ctx, cfg.dist, out_dir, training_fingerprint(cfg)))
 """
 
 from __future__ import annotations
 
-import copy
-import datetime
-import os
-import socket
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from embeddings.record_bank import RecordBank
-from recsys_tapper.features import Batch, FeatureBuilder
+from embeddings.replicas import broadcast_parameters
+from embeddings.sharding import (
+    ShardedUserTower,
+    _table_param,
+    gather_user_table,
+    shard_user_tower,
+    table_optimizer,
+)
+from embeddings.tower import UserTower
+from embeddings.user_state import UserStateConfig, UserStateTable
+from recsys_tapper.dist_checkpointer import Checkpointer
+from recsys_tapper.dist_context import CpuEmbeddings, Ctx, DeviceFeatures, init_distributed, replica_drift
+from recsys_tapper.dist_loop import dist_train_loop, predict_sharded
+from recsys_tapper.executors import table_lr
+from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.model import TapperModel
 
-
-@dataclass
-class Ctx:
-    rank: int
-    world: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(backend: str | None = None) -> tuple[Ctx, bool]:
-    """Join (or, without torchrun's env, create a one-process) group; returns (ctx, created_here)."""
-    created = False
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m ...`: a group of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-        created = True
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return Ctx(dist.get_rank(), dist.get_world_size(), device), created
-
-
-class DeviceFeatures:
-    """The FeatureBuilder seen from ``device``: same collate, batches (``Batch.to``) and bank moved there."""
-
-    def __init__(self, fb: FeatureBuilder, device: torch.device) -> None:
-        self.fb, self.device, self.tok = fb, device, fb.tok
-        self.bank = RecordBank(fb.bank.d)
-        self.bank.vectors = fb.bank.vectors.to(device)
-
-    def collate(self, samples, with_labels: bool = True) -> Batch:
-        batch = self.fb.collate(samples, with_labels)
-        return batch if self.device.type == "cpu" else batch.to(self.device)
-
-
-class CpuEmbeddings:
-    """Lets TextEncoder run on CPU (it builds CPU token ids) while the backbone sits on an accelerator."""
-
-    def __init__(self, lm) -> None:
-        self.embed = copy.deepcopy(lm.get_input_embeddings()).cpu()
-
-    def get_input_embeddings(self):
-        return self.embed
-
-
-def global_batches(n: int, batch_size: int, epochs: int, world: int) -> list[tuple[int, int]]:
-    """(start, end) of every global batch; a last batch smaller than the world size is dropped."""
-    one = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
-    return [b for b in one if b[1] - b[0] >= world] * epochs
-
-
-def rank_slice(items: list, rank: int, world: int) -> list:
-    """Contiguous slice ``rank`` of ``world``; sizes differ by at most one."""
-    base, extra = divmod(len(items), world)
-    start = rank * base + min(rank, extra)
-    return items[start : start + base + (rank < extra)]
-
-
-@torch.no_grad()
-def replica_drift(params: list[torch.Tensor]) -> float:
-    """Largest |rank r - rank 0| over the replicated parameters (0.0 when the replicas agree bit for bit)."""
-    flat = torch._utils._flatten_dense_tensors([p.detach() for p in params])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    drift = (flat - ref).abs().max().reshape(1)
-    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
-    return drift.item()
+__all__ = ["DistExecutor", "init_distributed", "unsharded_model"]
 
 
 class DistExecutor:
@@ -139,16 +66,11 @@ class DistExecutor:
         return self._feats[id(fb)]
 
     def broadcast(self, params) -> None:
-        from embeddings.replicas import broadcast_parameters
-
         broadcast_parameters(params)
 
     def shard_rows(self, model, t):
         """The tower into DMP: a fused table optimizer updates the rows inside backward (table_wise,
         column_wise); a data_parallel table is a replicated parameter, in the job's AdamW (adamw) or its own."""
-        from embeddings.sharding import ShardedUserTower, shard_user_tower, table_optimizer
-        from recsys_tapper.executors import table_lr
-
         fused = t.table_optimizer if t.table_optimizer != "adamw" else "sgd"  # adamw: the DP table is stepped here
         model.tower = ShardedUserTower(shard_user_tower(model.tower, self.cfg.sharding, fused, lr=table_lr(t),
                                                         eps=t.table_eps, device=self.device))
@@ -160,9 +82,6 @@ class DistExecutor:
 
     def train(self, model, samples, feats, groups, cfg, desc, table_opt=None, resume=None, resume_tag=""):
         """``dist_train_loop``; Stage 2 (``resume`` given) checkpoints under ``out/checkpoints``."""
-        from recsys_tapper.dist_checkpointer import Checkpointer
-        from recsys_tapper.dist_loop import dist_train_loop
-
         ckpt = None
         if resume is not None:
             ckpt = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint_every, self.cfg.keep_checkpoints,
@@ -177,18 +96,12 @@ class DistExecutor:
         return losses, start
 
     def predict(self, fn, samples):
-        from recsys_tapper.dist_loop import predict_sharded
-
         return predict_sharded(fn, samples, self.ctx)
 
     def gather_rows(self, model):
-        from embeddings.sharding import gather_user_table
-
         return gather_user_table(model.tower)
 
     def unsharded(self, model, rows):
-        from recsys_tapper.dist_train import unsharded_model
-
         return unsharded_model(model, rows)
 
     def agree(self, value):
@@ -207,6 +120,15 @@ class DistExecutor:
 
 def _dp_table(tower):
     """The replicated P_u parameter of a data_parallel tower (None for the fused sharding types)."""
-    from embeddings.sharding import _table_param
-
     return _table_param(tower)
+
+
+def unsharded_model(model, table: torch.Tensor):
+    """A single-process TapperModel with the gathered (U, r) table and the trained dense parts."""
+    user_table = UserStateTable(UserStateConfig(num_users=table.shape[0], dim=table.shape[1]))
+    with torch.no_grad():
+        user_table.weight.copy_(table)
+    out = TapperModel(model.lm, UserTower(user_table, model.tower.pooling), model.projector, model.prefix_layer,
+                      model.trunk, model.items)
+    out.item_index = model.item_index
+    return out

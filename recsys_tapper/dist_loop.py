@@ -24,7 +24,7 @@ from torchrec.distributed.comm_ops import get_gradient_division
 from embeddings.replicas import average_grads
 from llm_bridge.inject import IGNORE
 from recsys_tapper.dist_checkpointer import Checkpointer
-from recsys_tapper.dist_executor import Ctx, DeviceFeatures, global_batches, rank_slice
+from recsys_tapper.dist_context import Ctx, DeviceFeatures, global_batches, rank_slice
 from recsys_tapper.features import Sample
 from recsys_tapper.model import TapperModel
 from recsys_tapper.training import OptimConfig, linear_schedule

@@ -44,19 +44,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from embeddings.checkpoints import latest_checkpoint
-from embeddings.pooling import TimeAwarePooling
-from embeddings.tower import UserTower
-from embeddings.user_state import UserStateConfig, UserStateTable
 from recsys_tapper.config import RunConfig
 from recsys_tapper.dist_checkpointer import training_fingerprint
 from recsys_tapper.dist_executor import DistExecutor, init_distributed
 from recsys_tapper.job import run_job
-from recsys_tapper.model import TapperModel
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +89,6 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="dist_schema", node=DistRunConfig)
-
-
-def unsharded_model(model: TapperModel, table):
-    """A single-process TapperModel with the gathered (U, r) table and the trained dense parts."""
-    pooling: TimeAwarePooling = model.tower.pooling
-    ucfg = UserStateConfig(num_users=table.shape[0], dim=table.shape[1])
-    user_table = UserStateTable(ucfg)
-    with torch.no_grad():
-        user_table.weight.copy_(table)
-    out = TapperModel(model.lm, UserTower(user_table, pooling), model.projector, model.prefix_layer, model.trunk,
-                      model.items)
-    out.item_index = model.item_index
-    return out
 
 
 def train_distributed(cfg: DistRunConfig, splits=None) -> dict:

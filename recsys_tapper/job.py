@@ -38,8 +38,7 @@ from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from llm_bridge.trunk import TrunkCache
 from recsys_tapper.build import build_tapper, build_trunk
 from recsys_tapper.checkpoint import save_model
-from recsys_tapper.checks import check_table_optimizer
-from recsys_tapper.config import RunConfig
+from recsys_tapper.config import RunConfig, check_table_optimizer
 from recsys_tapper.data import LampExample, write_predictions
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, predict_texts, task_report
