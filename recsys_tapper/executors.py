@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from embeddings.sharding import dense_table_optimizer
 from recsys_tapper.config import TrainerConfig
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.model import TapperModel
@@ -79,13 +80,6 @@ class Executor(Protocol):
     def barrier(self) -> None: ...
 
     def summary(self, groups: list[dict]) -> dict: ...
-
-
-def dense_table_optimizer(params: list[torch.Tensor], name: str, lr: float, eps: float) -> torch.optim.Optimizer:
-    """The non-fused twin of FBGEMM's fused table update ``name`` (what a data_parallel table uses too)."""
-    from embeddings.sharding import dense_table_optimizer as make
-
-    return make(params, name, lr, eps)
 
 
 class LocalExecutor:
