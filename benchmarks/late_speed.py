@@ -37,7 +37,7 @@ from recsys_tapper.config import RunConfig
 from recsys_tapper.data import build_movielens_lamp, load_lamp
 from recsys_tapper.evaluation import label_token_ids
 from recsys_tapper.features import FeatureBuilder
-from recsys_tapper.model import TapperModel
+from recsys_tapper.model import TapperModel, TapperTrain
 from recsys_tapper.pipeline import prefill_trunk, select_users
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -78,10 +78,10 @@ def main() -> None:
     prefill_s = time.perf_counter() - t0
     n_prefilled = len(trunk)
     plm = add_lora(lm, cfg_k.bridge_lora, first_layer=args.k)
-    late = build_tapper(cfg_k, plm, len(index), trunk=trunk)
+    late = build_tapper(cfg_k, plm, len(index), trunk=trunk, bank=fb.bank)
     plm.unload()
     plm0 = add_lora(lm, cfg_0.bridge_lora)
-    full = build_tapper(cfg_0, plm0, len(index))
+    full = build_tapper(cfg_0, plm0, len(index), bank=fb.bank)
 
     def train_s(model: TapperModel, lm_) -> float:
         """Median seconds per example over ``train_steps`` steps (2 warm-up steps not timed)."""
@@ -92,7 +92,7 @@ def main() -> None:
         for i in range(args.train_steps + 2):
             chunk = train[i * 16 : (i + 1) * 16]
             t = time.perf_counter()
-            loss = model(fb.collate(chunk), fb.bank.vectors).loss
+            loss, _ = TapperTrain(model)(fb.collate(chunk))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -115,11 +115,11 @@ def main() -> None:
     def answer(kind: str, i: int) -> None:
         with torch.no_grad():
             if kind == "rag_k4":
-                base.label_probs(fb_rag.collate([rag[i]], with_labels=False), None, label_ids)
+                base.label_probs(fb_rag.collate([rag[i]], with_labels=False), label_ids)
             elif kind == "none":
-                base.label_probs(fb.collate([samples[i]], with_labels=False), None, label_ids)
+                base.label_probs(fb.collate([samples[i]], with_labels=False), label_ids)
             elif kind == "tapper_late":
-                late.label_probs(fb.collate([samples[i]], with_labels=False), fb.bank.vectors, label_ids)
+                late.label_probs(fb.collate([samples[i]], with_labels=False), label_ids)
 
     kinds = ["none", "tapper_late", "rag_k4"]
     for k in kinds:

@@ -31,7 +31,7 @@ from recsys_tapper.build import build_tapper
 from recsys_tapper.config import RunConfig
 from recsys_tapper.data import build_movielens_lamp, load_lamp
 from recsys_tapper.features import FeatureBuilder
-from recsys_tapper.model import TapperModel
+from recsys_tapper.model import TapperModel, TapperTrain
 from recsys_tapper.pipeline import select_users
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -39,7 +39,7 @@ from recsys_tapper.users import UserIndex
 
 def step(model, params, opt, fb, samples) -> None:
     batch = fb.collate(samples)
-    loss = model(batch, fb.bank.vectors).loss
+    loss, _ = TapperTrain(model)(batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
@@ -80,7 +80,7 @@ def main() -> None:
     oppu_lm.add_adapter("bridge", oppu_lm.peft_config["default"].__class__(
         r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         task_type="CAUSAL_LM"))
-    tap = build_tapper(cfg.model, oppu_lm, len(index))
+    tap = build_tapper(cfg.model, oppu_lm, len(index), bank=fb.bank)
     tap.train()
     oppu_model.train()
 
@@ -113,7 +113,7 @@ def main() -> None:
             b = tap_batches.pop(0)
             t1 = time.perf_counter()
             with torch.no_grad():
-                tap.prefix(fb.collate(b), fb.bank.vectors)
+                tap.prefix(fb.collate(b))
             parts["tower_fwd_s"] += time.perf_counter() - t1
             step(tap, tparams, topt, fb, b)
             n += len(b)

@@ -190,7 +190,7 @@ def shard_user_tower(
 
 class ShardedUserTower(nn.Module):
     """A DMP-wrapped tower that still reads like the plain one: ``tower.pooling``, ``tower.table`` (its
-    ``ebc`` sharded), ``tower.fused_optimizer``; calls go through DMP. These three are explicit properties; no
+    ``ebc`` sharded), ``tower.bank``, ``tower.fused_optimizer``; calls go through DMP. These four are explicit properties; no
 other attribute is forwarded to the wrapped tower.
 
     Example::
@@ -229,6 +229,11 @@ other attribute is forwarded to the wrapped tower.
     def table(self) -> nn.Module:
         """The tower's P_u table module, its ``ebc`` sharded by DMP."""
         return self.dmp.module.table
+
+    @property
+    def bank(self):
+        """The tower's record bank (``UserTower.bank``)."""
+        return self.dmp.module.bank
 
 
 def table_optimizer(dmp: nn.Module, optimizer: str, lr: float, eps: float) -> torch.optim.Optimizer | None:

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 from embeddings.pooling import TimeAwarePooling
+from embeddings.record_bank import RecordBank
 from embeddings.tower import UserTower
 from embeddings.user_state import UserStateConfig, UserStateTable
 from llm_bridge.backbone import fingerprint
@@ -34,12 +35,14 @@ def row_dims(m: ModelConfig, d: int) -> tuple[int, int | None]:
     return w, (w if m.item_dim is not None else None)
 
 
-def build_tapper(m: ModelConfig, lm, n_users: int, n_items: int = 0, trunk: TrunkCache | None = None) -> TapperModel:
-    """The TAP-PER model for model config ``m`` around ``lm`` (already carrying its bridge LoRA)."""
+def build_tapper(m: ModelConfig, lm, n_users: int, n_items: int = 0, trunk: TrunkCache | None = None,
+                 bank: RecordBank | None = None) -> TapperModel:
+    """The TAP-PER model for model config ``m`` around ``lm`` (already carrying its bridge LoRA); its tower
+    owns ``bank``, the record bank the history ids index."""
     d = lm.config.hidden_size  # derived, never configured
     user_dim, item_dim = row_dims(m, d)
     table = UserStateTable(UserStateConfig(num_users=n_users, dim=user_dim, init_std=m.user_init_std))
-    tower = UserTower(table, TimeAwarePooling(m.pooling, d))
+    tower = UserTower(table, TimeAwarePooling(m.pooling, d), bank)
     items = None
     if item_dim is not None:
         itable = UserStateTable(UserStateConfig(num_users=max(1, n_items), dim=item_dim, init_std=m.user_init_std),

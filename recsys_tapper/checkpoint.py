@@ -149,7 +149,8 @@ def verify(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
-    """Rebuild ``(model, users, bank, cfg)`` from a model directory saved by ``save_model``."""
+    """Rebuild ``(model, tok, users, bank, cfg)`` from a model directory saved by ``save_model``; the model's
+    tower owns ``bank`` (records added to it later are read by the model at once)."""
     from recsys_tapper.build import build_tapper, build_trunk
 
     path = Path(path)
@@ -172,14 +173,14 @@ def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
     set_peft_model_state_dict(lm, load_file(path / "bridge_lora.safetensors"))
     users = UserIndex(json.loads((path / "users.json").read_text()))
     items = UserIndex(json.loads((path / "items.json").read_text())) if (path / "items.json").exists() else None
-    model = build_tapper(cfg.model, lm, len(users), len(items or ()), trunk)
+    bank = RecordBank(lm.config.hidden_size)
+    bank.add(json.loads((path / "bank_keys.json").read_text()), load_file(path / "bank.safetensors")["vectors"])
+    model = build_tapper(cfg.model, lm, len(users), len(items or ()), trunk, bank)
     if model.items is not None:
         model.items.load_state_dict(load_file(path / "items.safetensors"))
         model.item_index = items
     model.tower.load_state_dict(load_file(path / "tower.safetensors"))
     model.projector.load_state_dict(load_file(path / "projector.safetensors"))
-    bank = RecordBank(lm.config.hidden_size)
-    bank.add(json.loads((path / "bank_keys.json").read_text()), load_file(path / "bank.safetensors")["vectors"])
     model.eval()
     return model, tok, users, bank, cfg
 

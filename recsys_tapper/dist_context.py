@@ -2,7 +2,7 @@
 (The executor that runs the job over them is ``dist_executor.DistExecutor``.)
 
 - ``init_distributed`` joins torchrun's group, or creates a group of one for plain ``python -m``.
-- ``DeviceFeatures`` is the FeatureBuilder seen from a rank's device: collated batches and the bank live there.
+- ``DeviceFeatures`` is the FeatureBuilder seen from a rank's device: collated batches live there.
 - ``CpuEmbeddings`` lets the record encoder stay on CPU while the backbone sits on an accelerator.
 - ``global_batches`` / ``rank_slice`` cut the samples: every rank walks the same global batches and takes
   its own contiguous slice of each.
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from embeddings.record_bank import RecordBank
 from recsys_tapper.features import Batch, FeatureBuilder
 
 
@@ -61,12 +60,11 @@ def init_distributed(backend: str | None = None) -> tuple[Ctx, bool]:
 
 
 class DeviceFeatures:
-    """The FeatureBuilder seen from ``device``: same collate, batches (``Batch.to``) and bank moved there."""
+    """The FeatureBuilder seen from ``device``: same collate, batches moved there (``Batch.to``). The record
+    bank is the tower's, which moves its vectors to its own device."""
 
     def __init__(self, fb: FeatureBuilder, device: torch.device) -> None:
         self.fb, self.device, self.tok = fb, device, fb.tok
-        self.bank = RecordBank(fb.bank.d)
-        self.bank.vectors = fb.bank.vectors.to(device)
 
     def collate(self, samples, with_labels: bool = True) -> Batch:
         batch = self.fb.collate(samples, with_labels)

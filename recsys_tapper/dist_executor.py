@@ -128,7 +128,7 @@ def unsharded_model(model, table: torch.Tensor):
     user_table = UserStateTable(UserStateConfig(num_users=table.shape[0], dim=table.shape[1]))
     with torch.no_grad():
         user_table.weight.copy_(table)
-    out = TapperModel(model.lm, UserTower(user_table, model.tower.pooling), model.projector, model.prefix_layer,
-                      model.trunk, model.items)
+    tower = UserTower(user_table, model.tower.pooling, model.tower.bank)
+    out = TapperModel(model.lm, tower, model.projector, model.prefix_layer, model.trunk, model.items)
     out.item_index = model.item_index
     return out

@@ -22,11 +22,10 @@ import torch.distributed as dist
 from torchrec.distributed.comm_ops import get_gradient_division
 
 from embeddings.replicas import average_grads
-from llm_bridge.inject import IGNORE
 from recsys_tapper.dist_checkpointer import Checkpointer
 from recsys_tapper.dist_context import Ctx, DeviceFeatures, global_batches, rank_slice
 from recsys_tapper.features import Sample
-from recsys_tapper.model import TapperModel
+from recsys_tapper.model import TapperModel, TapperTrain
 from recsys_tapper.training import OptimConfig, linear_schedule
 
 log = logging.getLogger(__name__)
@@ -64,13 +63,14 @@ def dist_train_loop(
         raise ValueError(f"{desc}: {len(samples)} samples give no batch for {ctx.world} ranks")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(len(batches), cfg.warmup))
     start, losses = ckpt.restore(opt, sched, table_opt) if ckpt else (0, [])
+    train_model = TapperTrain(model)  # owns the loss
     model.train()
     for step in range(start, len(batches)):
         lo, hi = batches[step]
         batch = feats.collate(rank_slice(samples[lo:hi], ctx.rank, ctx.world))
-        out = model(batch, feats.bank.vectors)
-        n_local = (batch.labels != IGNORE).sum().to(out.loss.dtype)
-        tot = torch.stack([n_local, out.loss.detach() * n_local])
+        local_loss, (detached, n_targets) = train_model(batch)
+        n_local = torch.tensor(float(n_targets), dtype=detached.dtype, device=detached.device)
+        tot = torch.stack([n_local, detached * n_local])
         dist.all_reduce(tot)  # (label tokens, summed cross-entropy) over the global batch
         loss = (tot[1] / tot[0]).item()
         if not math.isfinite(loss):  # every rank sees the same value, so all raise together
@@ -80,7 +80,7 @@ def dist_train_loop(
             table_opt.zero_grad(set_to_none=True)
         # W x this rank's share of the global token-mean loss: averaged over ranks (the convention of DDP and of
         # TorchRec's sparse all-to-all), the gradient is one process's on the whole batch. Fused rows update here.
-        (out.loss * (n_local * ctx.world / tot[0])).backward()
+        (local_loss * (n_local * ctx.world / tot[0])).backward()
         average_grads([p for p in params if id(p) not in averaged])
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()

@@ -40,15 +40,13 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
     return ids
 
 
-def _batches(model: TapperModel, fb: FeatureBuilder, samples: Sequence[Sample], batch_size: int, desc: str):
-    """Yield (samples, prompt-only batch, bank, record-term cache) in eval mode, with a progress bar."""
+def eval_batches(model: TapperModel, fb: FeatureBuilder, samples: Sequence[Sample], batch_size: int, desc: str):
+    """Yield (samples, prompt-only batch) in eval mode, with a progress bar. (The tower caches its bank's
+    record terms while the scorer is frozen: computed once for the whole bank.)"""
     model.eval()
-    bank = fb.bank.vectors
-    # The scorer is frozen here: its per-record term is computed once for the whole bank.
-    record_terms = model.tower.pooling.scorer.record_term(bank) if model.personalized else None
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         chunk = samples[i : i + batch_size]
-        yield chunk, fb.collate(chunk, with_labels=False), bank, record_terms
+        yield chunk, fb.collate(chunk, with_labels=False)
 
 
 @torch.no_grad()
@@ -63,8 +61,8 @@ def predict_labels(
     label_ids = label_token_ids(fb.tok, labels)
     values = torch.tensor([float(x) for x in labels]) if all(x.isdigit() for x in labels) else None
     rows = []
-    for chunk, batch, bank, record_terms in _batches(model, fb, samples, batch_size, desc):
-        probs = model.label_probs(batch, bank, label_ids, record_terms)  # (B, n_labels)
+    for chunk, batch in eval_batches(model, fb, samples, batch_size, desc):
+        probs = model.label_probs(batch, label_ids)  # (B, n_labels)
         for s, p, cold in zip(chunk, probs, batch.cold):
             row = {"id": s.id, "user": s.user, "gold": s.answer, "pred": labels[int(p.argmax())], "cold": cold}
             if values is not None:
@@ -132,8 +130,8 @@ def predict_texts(
 ) -> list[dict]:
     """Greedy answers, decoded and stripped, one row per sample: ``{"id", "user", "gold", "pred", "cold"}``."""
     rows = []
-    for chunk, batch, bank, record_terms in _batches(model, fb, samples, batch_size, desc):
-        tokens = model.generate(batch, bank, max_new_tokens, fb.tok.eos_token_id, record_terms)
+    for chunk, batch in eval_batches(model, fb, samples, batch_size, desc):
+        tokens = model.generate(batch, max_new_tokens, fb.tok.eos_token_id)
         for s, toks, cold in zip(chunk, tokens, batch.cold):
             pred = fb.tok.decode(toks, skip_special_tokens=True).strip()
             rows.append({"id": s.id, "user": s.user, "gold": s.answer, "pred": pred, "cold": cold})

@@ -71,7 +71,7 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     ``date``: days since the epoch (a number) or a date string, as ``Server.predict``."""
     query = Query(user_id, question, history_records, date, item_id)
     recs = server.records(user_id, history_records)
-    batch, bank = server.batch([query])
+    batch = server.batch([query])
     model = server.model
     model.eval()
     pool = model.tower.pooling
@@ -81,7 +81,10 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     if len(ids) != len(recs):
         raise RuntimeError(f"history has {len(recs)} records but the batch carries {len(ids)}")
 
-    _, _, alpha = model.tower(batch.users, batch.history, batch.q, bank)  # (T,) what the model used
+    _, _, alpha = model.tower(batch.users, batch.history, batch.q, batch.extra_records)  # (T,) what the model used
+    bank = model.tower.bank_vectors()
+    if batch.extra_records is not None:
+        bank = torch.cat([bank, batch.extra_records])
     h = bank[ids]  # (T, d)
     din = pool.scorer(batch.q.expand(len(ids), -1), h).float() if len(ids) else torch.zeros(0)  # (T,)
     pen_t, pen_o = _bias(pool.cfg.time_bias, lam_t, dt), _bias(pool.cfg.order_bias, lam_o, dpos)
@@ -89,9 +92,9 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     check = float((torch.softmax(score, 0) - alpha.float()).abs().max()) if len(ids) else 0.0
 
     labels = list(server.task.labels)
-    with_p = model.label_probs(batch, bank, server.label_ids, cold_row=server.cold_row)[0]  # (n_labels,)
+    with_p = model.label_probs(batch, server.label_ids, cold_row=server.cold_row)[0]  # (n_labels,)
     bare = TapperModel(model.lm, None, None, prefix_layer=model.prefix_layer, trunk=model.trunk)
-    without_p = bare.label_probs(batch, None, server.label_ids)[0]
+    without_p = bare.label_probs(batch, server.label_ids)[0]
     numeric = all(x.isdigit() for x in labels)
 
     def dist(p: torch.Tensor) -> dict:

@@ -58,6 +58,8 @@ class Batch:
     answers: list[str | None]
     cold: list[bool]  # user had no trained row
     items: KeyedJaggedTensor | None = None  # ``item_id`` KJT when the builder has an item index
+    # (n, d) vectors of history records the record bank lacks (serving): history ids ``len(bank) + i`` read row i
+    extra_records: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with every tensor (KJT, ``History``) on ``device``, as TorchRec's ``Batch.to``."""
@@ -66,7 +68,7 @@ class Batch:
 
         return Batch(self.ids, mv(self.users), mv(self.history), mv(self.q), mv(self.input_ids),
                      mv(self.attention_mask), mv(self.labels), mv(self.last_prompt), self.answers, self.cold,
-                     mv(self.items))
+                     mv(self.items), mv(self.extra_records))
 
 
 def record_key(user: str, record_id: str) -> str:

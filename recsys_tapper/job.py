@@ -115,7 +115,7 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
                          "their first (or, for tasks without labelled records, a gold-labelled train question)")
     if m.item_dim is not None:
         fb.items = item_index(s2)
-    model = build_tapper(m, plm, len(users), len(fb.items or ()) if m.item_dim is not None else 0, trunk)
+    model = build_tapper(m, plm, len(users), len(fb.items or ()) if m.item_dim is not None else 0, trunk, fb.bank)
     model.item_index = fb.items if m.item_dim is not None else None
     if m.warm_start == "mf":  # every rank fits the same seeded MF before the table is sharded
         mf = fit_mf(train, m.warm_start_rank, t.seed, fb.task.output_field or "score")

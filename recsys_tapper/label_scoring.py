@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_bridge.trunk import decoder, run_layers
-from recsys_tapper.evaluation import _batches, predict_texts, task_report
+from recsys_tapper.evaluation import eval_batches, predict_texts, task_report
 from recsys_tapper.features import Batch, FeatureBuilder, Sample
 from recsys_tapper.model import TapperModel
 from recsys_tapper.tasks import Task
@@ -121,13 +121,13 @@ def with_prefix(allowed: torch.Tensor, positions: torch.Tensor, n_slots: int) ->
 
 
 @torch.no_grad()
-def label_scores(model: TapperModel, batch: Batch, bank: torch.Tensor | None, label_targets: Sequence[Sequence[int]],
-                 record_terms=None, cold_row: torch.Tensor | None = None) -> torch.Tensor:
+def label_scores(model: TapperModel, batch: Batch, label_targets: Sequence[Sequence[int]],
+                 cold_row: torch.Tensor | None = None) -> torch.Tensor:
     """Mean log-probability of each label's targets behind each prompt of ``batch`` (prompt-only, as
     ``fb.collate(samples, with_labels=False)``) -> (B, K). One packed forward pass for the batch."""
     prompts = [batch.input_ids[i, : last + 1].tolist() for i, last in enumerate(batch.last_prompt.tolist())]
     lay = tree_layout(prompts, label_targets)
-    prefix = model.prefix(batch, bank, record_terms, cold_row) if model.personalized else None  # (B, L, d)
+    prefix = model.prefix(batch, cold_row) if model.personalized else None  # (B, L, d)
     n_slots = 0 if prefix is None else prefix.shape[1]
     allowed, positions = with_prefix(lay.allowed, lay.positions, n_slots)  # (B, L+S, L+S), (B, L+S)
     k = model.prefix_layer
@@ -159,8 +159,8 @@ def predict_label_set(model: TapperModel, fb: FeatureBuilder, samples: Sequence[
     ``{"id", "user", "gold", "pred", "cold", "label_scores"}``."""
     targets = [fb.answer_ids(lab) for lab in labels]
     rows = []
-    for chunk, batch, bank, record_terms in _batches(model, fb, samples, batch_size, desc):
-        scores = label_scores(model, batch, bank, targets, record_terms)  # (B, K)
+    for chunk, batch in eval_batches(model, fb, samples, batch_size, desc):
+        scores = label_scores(model, batch, targets)  # (B, K)
         for s, sc, cold in zip(chunk, scores.tolist(), batch.cold):
             best = max(range(len(labels)), key=sc.__getitem__)  # first of ties, as argmax
             rows.append({"id": s.id, "user": s.user, "gold": s.answer, "pred": labels[best], "cold": cold,

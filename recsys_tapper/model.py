@@ -13,10 +13,11 @@ prefix is k = 0).
 
 Example::
 
-    model = TapperModel(lm, tower, projector)
-    out = model(batch, bank)                    # out.loss, out.logits
-    probs = model.label_probs(batch, bank, label_ids)   # (B, n_labels) at the answer position
-    tokens = model.generate(batch, bank, max_new_tokens=32, eos_token_id=tok.eos_token_id)  # greedy
+    model = TapperModel(lm, tower, projector)   # the tower owns the record bank
+    out = model(batch)                          # out.logits (N, V) at the N answer positions, out.targets (N,)
+    loss, (_, n) = TapperTrain(model)(batch)    # the train wrapper owns the loss (TorchRec's DLRMTrain)
+    probs = model.label_probs(batch, label_ids) # (B, n_labels) at the answer position
+    tokens = model.generate(batch, max_new_tokens=32, eos_token_id=tok.eos_token_id)  # greedy
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from recsys_tapper.features import Batch
 
 @dataclass
 class ModelOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None  # (B, L+T, V); None on the late path (only the answer positions are read)
-    prefix_len: int
+    """The logits where an answer token is read: ``logits[j]`` predicts ``targets[j]``."""
+
+    logits: torch.Tensor  # (N, V), N = answer tokens in the batch
+    targets: torch.Tensor  # (N,)
+    prefix_len: int  # soft tokens before each prompt
 
 
 class ItemSlots(nn.Module):
@@ -78,11 +81,10 @@ class TapperModel(nn.Module):
     def personalized(self) -> bool:
         return self.tower is not None
 
-    def prefix(self, batch: Batch, bank: torch.Tensor, record_terms: torch.Tensor | None = None,
-               cold_row: torch.Tensor | None = None) -> torch.Tensor:
+    def prefix(self, batch: Batch, cold_row: torch.Tensor | None = None) -> torch.Tensor:
         """The soft tokens of each example -> (B, L[+L_i], d). ``cold_row`` (D,) stands in for the P_u row of
         examples whose user has none (serving's cold start); without it they get zeros."""
-        user_state, context, _ = self.tower(batch.users, batch.history, batch.q, bank, record_terms)
+        user_state, context, _ = self.tower(batch.users, batch.history, batch.q, batch.extra_records)
         if cold_row is not None:
             cold = torch.tensor(batch.cold, dtype=torch.bool, device=user_state.device)
             user_state = torch.where(cold[:, None], cold_row.to(user_state)[None, :], user_state)  # (B, D)
@@ -93,14 +95,20 @@ class TapperModel(nn.Module):
             prefix = torch.cat([prefix, self.items(batch.items)], dim=1)  # (B, L+L_i, d)
         return prefix
 
-    def forward(self, batch: Batch, bank: torch.Tensor | None = None, record_terms=None) -> ModelOutput:
-        prefix = self.prefix(batch, bank, record_terms) if self.personalized else None
+    def forward(self, batch: Batch) -> ModelOutput:
+        """The logits at the batch's answer positions (``batch.labels``); the loss is the train wrapper's."""
+        if batch.labels is None:
+            raise ValueError("the forward reads answer positions from labels; use label_probs or generate for "
+                             "prompts without answers")
+        prefix = self.prefix(batch) if self.personalized else None
         if self.prefix_layer > 0:
             return self._late_forward(batch, prefix)
         embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
         embeds, mask, labels = prepend_prefix(embeds, batch.attention_mask, batch.labels, prefix)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        return ModelOutput(out.loss, out.logits, 0 if prefix is None else prefix.shape[1])
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, L+T, V)
+        targets = labels[:, 1:]  # position j predicts token j+1
+        read = targets != IGNORE
+        return ModelOutput(logits[:, :-1][read], targets[read], 0 if prefix is None else prefix.shape[1])
 
     # ------------------------------------------------------------------------------------- late prefix
 
@@ -128,9 +136,6 @@ class TapperModel(nn.Module):
         return run_layers(self.lm, states, mask, start=self.prefix_layer, query_pos=qp), n_slots
 
     def _late_forward(self, batch: Batch, prefix: torch.Tensor | None) -> ModelOutput:
-        if batch.labels is None:
-            raise ValueError("the late-prefix forward reads answer positions from labels; use label_probs or "
-                             "generate for prompts without answers")
         targets = batch.labels[:, 1:]  # token j's state predicts token j+1
         read = targets != IGNORE  # (B, T-1): the positions whose output is read
         n_read = read.sum(1)
@@ -142,15 +147,14 @@ class TapperModel(nn.Module):
         h, n_slots = self._upper(batch, prefix, with_labels=True, query_pos=query_pos)  # (B, Q, d)
         _, lm_head = decoder(self.lm)
         logits = lm_head(h[keep])  # (n_answer_tokens, V): only where a label is read
-        return ModelOutput(F.cross_entropy(logits.float(), targets.gather(1, query_pos)[keep]), None, n_slots)
+        return ModelOutput(logits, targets.gather(1, query_pos)[keep], n_slots)
 
     # ---------------------------------------------------------------------------------------- readouts
 
     @torch.no_grad()
-    def generate(self, batch: Batch, bank: torch.Tensor | None, max_new_tokens: int, eos_token_id: int,
-                 record_terms=None) -> list[list[int]]:
+    def generate(self, batch: Batch, max_new_tokens: int, eos_token_id: int) -> list[list[int]]:
         """Greedy answers (token ids, EOS dropped) to the batch's prompts, each led by its user's prefix."""
-        prefix = self.prefix(batch, bank, record_terms) if self.personalized else None  # (B, L, d)
+        prefix = self.prefix(batch) if self.personalized else None  # (B, L, d)
         if self.prefix_layer > 0:
             return self._late_generate(batch, prefix, max_new_tokens, eos_token_id)
         embeds = self.lm.get_input_embeddings()(batch.input_ids)  # (B, T, d)
@@ -188,11 +192,10 @@ class TapperModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def label_probs(self, batch: Batch, bank: torch.Tensor | None, label_ids: list[int], record_terms=None,
-                    cold_row: torch.Tensor | None = None):
+    def label_probs(self, batch: Batch, label_ids: list[int], cold_row: torch.Tensor | None = None):
         """Next-token distribution over ``label_ids`` at the answer position -> (B, n_labels). The one scoring
-        path: evaluation and ``serve.Server`` both call it."""
-        prefix = self.prefix(batch, bank, record_terms, cold_row) if self.personalized else None
+        path: evaluation, ``serve.Server`` and the serving benchmark call it."""
+        prefix = self.prefix(batch, cold_row) if self.personalized else None
         if self.prefix_layer > 0:
             h, _ = self._upper(batch, prefix, with_labels=False, query_pos=batch.last_prompt[:, None])  # (B, 1, d)
             _, lm_head = decoder(self.lm)
@@ -205,3 +208,20 @@ class TapperModel(nn.Module):
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits  # (B, L+T, V)
         pos = batch.last_prompt + (0 if prefix is None else prefix.shape[1])  # (B,)
         return torch.softmax(logits[torch.arange(len(pos)), pos][:, label_ids].float(), dim=-1)
+
+
+class TapperTrain(nn.Module):
+    """The training wrapper that owns the loss, as TorchRec's ``DLRMTrain`` wraps ``DLRM``: token-mean
+    cross-entropy over the batch's answer tokens.
+
+    ``TapperTrain(model)(batch)`` -> ``(loss, (loss.detach(), n_targets))``; ``n_targets`` weighs a rank's
+    share of a global batch under torchrun."""
+
+    def __init__(self, model: TapperModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+        out = self.model(batch)
+        loss = F.cross_entropy(out.logits.float(), out.targets)
+        return loss, (loss.detach(), out.targets.numel())

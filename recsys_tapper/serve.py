@@ -38,7 +38,6 @@ from recsys_tapper.data import ProfileRecord, parse_date
 from recsys_tapper.data.dates import DateParseError
 from recsys_tapper.evaluation import label_token_ids
 from recsys_tapper.features import Batch, FeatureBuilder, Sample, record_key
-from recsys_tapper.model import TapperModel
 from recsys_tapper.tasks import get_task
 
 
@@ -62,11 +61,6 @@ class Query:
     history_records: Sequence | None = None
     date: float | str | None = None
     item_id: str | None = None
-
-
-def cold_start_prefix(model: TapperModel, batch: Batch, bank: torch.Tensor, cold_row: torch.Tensor) -> torch.Tensor:
-    """The prefix with each cold example's P_u replaced by ``cold_row``. -> (B, L, d)"""
-    return model.prefix(batch, bank, cold_row=cold_row)
 
 
 def _day(value: object, where: str) -> float | None:
@@ -158,15 +152,15 @@ class Server:
         rows, days = self._history(query.user_id, self.records(query.user_id, query.history_records), texts)
         return Sample("predict", query.user_id, rows, days, query_day, query.question, None, query.item_id)
 
-    def batch(self, queries: Sequence[Query]) -> tuple[Batch, torch.Tensor]:
-        """One collated batch for several queries and the bank it indexes: the record bank, plus the rows of
-        history records it lacks, encoded once for the whole batch. -> (Batch of B, (R + new, d))"""
+    def batch(self, queries: Sequence[Query]) -> Batch:
+        """One collated batch for several queries. History records the bank lacks are encoded once for the
+        whole batch and travel in ``batch.extra_records`` (new, d); the bank is not changed."""
         texts: list[str] = []
         samples = [self.sample(q, texts) for q in queries]
-        bank = self.bank.vectors
+        batch = self.fb.collate(samples, with_labels=False)
         if texts:
-            bank = torch.cat([bank, self.encoder.encode(texts)])  # (R + new, d)
-        return self.fb.collate(samples, with_labels=False), bank
+            batch.extra_records = self.encoder.encode(texts)  # (new, d)
+        return batch
 
     @torch.no_grad()
     def predict_many(self, queries: Sequence[Query]) -> list[dict]:
@@ -174,9 +168,9 @@ class Server:
         on each (up to float rounding of the padded batch). Raises on the first bad query."""
         if not queries:
             return []
-        batch, bank = self.batch(queries)
+        batch = self.batch(queries)
         self.model.eval()
-        probs = self.model.label_probs(batch, bank, self.label_ids, cold_row=self.cold_row)  # (B, n_labels)
+        probs = self.model.label_probs(batch, self.label_ids, cold_row=self.cold_row)  # (B, n_labels)
         labels = self.task.labels
         values = torch.tensor([float(x) for x in labels]) if all(x.isdigit() for x in labels) else None
         outs = []

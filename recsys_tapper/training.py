@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_bytes
-from recsys_tapper.model import TapperModel
+from recsys_tapper.model import TapperModel, TapperTrain
 
 
 @dataclass
@@ -84,6 +84,7 @@ def train_loop(
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, cfg.warmup))
+    train_model = TapperTrain(model)  # owns the loss
     model.train()
     losses: list[float] = []
     saved = params + ([p for g in table_opt.param_groups for p in g["params"]] if table_opt is not None else [])
@@ -98,19 +99,19 @@ def train_loop(
                 step += 1
                 continue
             batch = fb.collate(samples[i : i + cfg.batch_size])
-            out = model(batch, fb.bank.vectors)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"{desc}: loss is {out.loss.item()} at step {step}")
+            loss, _ = train_model(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             if table_opt is not None:
                 table_opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             if table_opt is not None:
                 table_opt.step()
             sched.step()
-            losses.append(out.loss.item())
+            losses.append(loss.item())
             step += 1
             if resume is not None and step % save_every == 0 and step < total:
                 _save_resume(resume, key, step, saved, opts, losses)

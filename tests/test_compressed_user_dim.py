@@ -44,9 +44,9 @@ def test_compressed_rows_go_through_the_trained_up_projection(tmp_path):
     samples = fb.question_samples([ex for ex in test if index.row(ex.user_id) is not None])
     batch = fb.collate(samples, with_labels=False)
     with torch.no_grad():
-        prefix = model.prefix(batch, bank.vectors)  # (B, L, d)
+        prefix = model.prefix(batch)  # (B, L, d)
         rows = model.tower.table.weight[[index.row(s.user) for s in samples]]  # (B, r)
-        _, context, _ = model.tower(batch.users, batch.history, batch.q, bank.vectors)  # (B, d)
+        _, context, _ = model.tower(batch.users, batch.history, batch.q)  # (B, d)
         want = model.projector.user_up(rows) + model.projector.history_proj(context)  # (B, L*d)
     assert prefix.shape == (len(samples), L, D)
     torch.testing.assert_close(prefix, want.view(-1, L, D))

@@ -77,7 +77,7 @@ def test_answer_distribution_with_and_without_the_prefix(server, data):
     assert ans["with_prefix"]["probs"] == pytest.approx(served["probs"], abs=1e-6)
     assert ans["with_prefix"]["expected"] == pytest.approx(served["expected"], abs=1e-5)
     # without: the LM alone on the prompt (no soft tokens), read at the answer position
-    batch, _ = server.batch([Query("syn0", Q)])
+    batch = server.batch([Query("syn0", Q)])
     lm = server.model.lm
     with torch.no_grad():
         logits = lm(inputs_embeds=lm.get_input_embeddings()(batch.input_ids),

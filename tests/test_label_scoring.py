@@ -20,7 +20,7 @@ from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.job import score
 from recsys_tapper.label_scoring import classify, label_scores, predict_label_set, tree_layout
 from recsys_tapper.metrics import classification_metrics
-from recsys_tapper.model import TapperModel
+from recsys_tapper.model import TapperModel, TapperTrain
 from recsys_tapper.synthetic import synthetic_rating_task, synthetic_tagging_task
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -57,7 +57,7 @@ def _setup(k: int, personalized: bool = True, task: str = "LaMP-2M"):
     for n, p in plm.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
-    return build_tapper(m, plm, len(users), trunk=trunk).eval(), fb, samples
+    return build_tapper(m, plm, len(users), trunk=trunk, bank=fb.bank).eval(), fb, samples
 
 
 def _naive_logits(model, prefix: torch.Tensor | None, ids: list[int]) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _naive_logits(model, prefix: torch.Tensor | None, ids: list[int]) -> torch.T
 def _naive_scores(model, fb, batch, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) mean and (B, K) summed log-probability of each label's answer tokens, one full forward of
     prompt + label per (question, label): log_softmax, gather, mean."""
-    prefix = model.prefix(batch, fb.bank.vectors) if model.personalized else None  # (B, L, d)
+    prefix = model.prefix(batch) if model.personalized else None  # (B, L, d)
     n_slots = SLOTS if model.personalized else 0
     means, sums = [], []
     for i, last in enumerate(batch.last_prompt.tolist()):
@@ -135,7 +135,7 @@ def test_label_scores_equal_a_per_label_full_forward(k, personalized):
     labels = get_task("LaMP-2M").labels  # 15 tags of 6..17 characters (+ EOS)
     batch = fb.collate(samples, with_labels=False)
     assert len(set(batch.last_prompt.tolist())) > 1  # right padding is exercised
-    got = label_scores(model, batch, fb.bank.vectors, [fb.answer_ids(lab) for lab in labels])  # (B, K)
+    got = label_scores(model, batch, [fb.answer_ids(lab) for lab in labels])  # (B, K)
     with torch.no_grad():
         want, _ = _naive_scores(model, fb, batch, labels)
     assert got.shape == (len(samples), len(labels))
@@ -148,7 +148,7 @@ def test_scores_are_length_normalised_over_the_answer_tokens_and_eos():
     labels = ("x", "xyz")
     assert [len(fb.answer_ids(lab)) for lab in labels] == [2, 4]
     batch = fb.collate(samples[:2], with_labels=False)
-    got = label_scores(model, batch, fb.bank.vectors, [fb.answer_ids(lab) for lab in labels])
+    got = label_scores(model, batch, [fb.answer_ids(lab) for lab in labels])
     with torch.no_grad():
         _, sums = _naive_scores(model, fb, batch, labels)
     assert_close(got, sums / torch.tensor([2.0, 4.0]), atol=1e-5, rtol=1e-4)
@@ -161,11 +161,12 @@ def test_a_label_score_is_minus_the_training_loss_on_that_label(k):
     model, fb, samples = _setup(k)
     labels = get_task("LaMP-2M").labels
     s = samples[0]
-    scores = label_scores(model, fb.collate([s], with_labels=False), fb.bank.vectors,
+    scores = label_scores(model, fb.collate([s], with_labels=False),
                           [fb.answer_ids(lab) for lab in labels])[0]
     with torch.no_grad():
-        losses = torch.stack([model(fb.collate([Sample(s.id, s.user, s.history_rows, s.history_days, s.query_day,
-                                                       s.question, lab)]), fb.bank.vectors).loss for lab in labels])
+        losses = torch.stack([TapperTrain(model)(fb.collate([Sample(s.id, s.user, s.history_rows, s.history_days,
+                                                                    s.query_day, s.question, lab)]))[0]
+                              for lab in labels])
     assert_close(scores, -losses, atol=1e-5, rtol=1e-4)
 
 
@@ -175,7 +176,7 @@ def test_answers_are_the_best_label_and_always_in_the_label_set(k):
     labels = get_task("LaMP-2M").labels
     rows = predict_label_set(model, fb, samples, labels, batch_size=4)  # two batches
     # one batch of all questions (label_scores == the naive per-label forward: the test above)
-    want = label_scores(model, fb.collate(samples, with_labels=False), fb.bank.vectors,
+    want = label_scores(model, fb.collate(samples, with_labels=False),
                         [fb.answer_ids(lab) for lab in labels])
     assert [r["id"] for r in rows] == [s.id for s in samples]
     assert [r["gold"] for r in rows] == [s.answer for s in samples]

@@ -137,11 +137,10 @@ def test_generate_matches_step_by_step_argmax_with_a_prefix():
     fb = FeatureBuilder(tok, TextEncoder(lm, tok), get_task("LaMP-4"), RecordBank(lm.config.hidden_size), users)
     fb.register(test)
     batch = fb.collate(fb.question_samples(test), with_labels=False)
-    model = build_tapper(tiny_config("unused", slots=2).model, lm, len(users)).eval()
-    bank = fb.bank.vectors
-    toks = model.generate(batch, bank, max_new_tokens=3, eos_token_id=-1)
+    model = build_tapper(tiny_config("unused", slots=2).model, lm, len(users), bank=fb.bank).eval()
+    toks = model.generate(batch, max_new_tokens=3, eos_token_id=-1)
     with torch.no_grad():
-        prefix = model.prefix(batch, bank)
+        prefix = model.prefix(batch)
         emb = model.lm.get_input_embeddings()
         for i, last in enumerate(batch.last_prompt.tolist()):
             seq = torch.cat([prefix[i], emb(batch.input_ids[i, : last + 1])])

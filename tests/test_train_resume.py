@@ -26,7 +26,7 @@ def _setup():
     fb = FeatureBuilder(tok, TextEncoder(lm, tok), get_task("movielens"), RecordBank(32), users)
     fb.register(train)
     plm = add_lora(lm, tiny_config("unused").model.bridge_lora)  # dropout 0.05: the RNG state matters
-    model = build_tapper(tiny_config("unused").model, plm, len(users))
+    model = build_tapper(tiny_config("unused").model, plm, len(users), bank=fb.bank)
     groups = [{"params": list(model.tower.parameters()) + list(model.projector.parameters())},
               {"params": lora_parameters(plm), "lr": 1e-2}]
     return model, fb, fb.profile_samples(train, per_user=None), groups

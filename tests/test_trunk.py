@@ -13,6 +13,7 @@ from llm_bridge.tiny import tiny_llama
 from llm_bridge.trunk import TrunkCache, TrunkCacheError, decoder, run_layers, trunk_fingerprint
 from recsys_tapper.build import build_tapper, build_trunk
 from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.model import TapperTrain
 from recsys_tapper.synthetic import synthetic_rating_task
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
@@ -34,15 +35,15 @@ def _setup(k: int, slots: int = 2):
     for n, p in plm.named_parameters():  # a non-zero bridge LoRA, so that the upper layers differ from the base
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
-    model = build_tapper(m, plm, len(users), trunk=trunk).eval()
+    model = build_tapper(m, plm, len(users), trunk=trunk, bank=fb.bank).eval()
     return model, fb, train, test
 
 
-def _naive_late_logits(model, batch, bank, k: int) -> list[torch.Tensor]:
+def _naive_late_logits(model, batch, k: int) -> list[torch.Tensor]:
     """Per example, no padding: HF's own forward gives the states entering layer k (output_hidden_states),
     then the upper layers run on [P | states] with HF's default causal attention (no mask tensor)."""
     inner, lm_head = decoder(model.lm)
-    prefix = model.prefix(batch, bank)  # (B, L, d)
+    prefix = model.prefix(batch)  # (B, L, d)
     n_slots = prefix.shape[1]
     out = []
     for i in range(len(batch.ids)):
@@ -66,8 +67,8 @@ def test_cached_late_prefix_equals_a_naive_per_example_path(k):
     batch = fb.collate(samples, with_labels=False)
     label_ids = [fb.tok(x)["input_ids"][0] for x in "12345"]
     with torch.no_grad():
-        got = model.label_probs(batch, fb.bank.vectors, label_ids)  # cached path, right-padded batch
-        ref = _naive_late_logits(model, batch, fb.bank.vectors, k)
+        got = model.label_probs(batch, label_ids)  # cached path, right-padded batch
+        ref = _naive_late_logits(model, batch, k)
     n_slots = 2
     want = torch.stack([torch.softmax(r[n_slots + int(last), label_ids], -1)
                         for r, last in zip(ref, batch.last_prompt)])
@@ -80,8 +81,8 @@ def test_late_training_loss_equals_cross_entropy_of_the_naive_path():
     samples = fb.profile_samples(train, per_user=2)
     batch = fb.collate(samples)
     with torch.no_grad():
-        loss = model(batch, fb.bank.vectors).loss
-        ref = _naive_late_logits(model, batch, fb.bank.vectors, k)
+        loss, _ = TapperTrain(model)(batch)
+        ref = _naive_late_logits(model, batch, k)
     terms = []
     for i, r in enumerate(ref):
         for t in (batch.labels[i] != -100).nonzero().flatten().tolist():  # label at t is read at t-1
@@ -116,7 +117,7 @@ def test_prefill_covers_training_and_spilled_states_read_back_equal(tmp_path):
         assert_close(a, b)
     before = trunk.n_computed
     model.train()
-    model(fb.collate(samples), fb.bank.vectors).loss.backward()  # every sequence it needs is cached
+    TapperTrain(model)(fb.collate(samples))[0].backward()  # every sequence it needs is cached
     assert trunk.n_computed == before
 
 
@@ -146,7 +147,7 @@ def test_bridge_lora_sits_only_on_layers_at_or_above_k():
 def test_late_generation_matches_step_by_step_argmax():
     model, fb, _, test = _setup(2)
     batch = fb.collate(fb.question_samples(test)[:2], with_labels=False)
-    toks = model.generate(batch, fb.bank.vectors, max_new_tokens=3, eos_token_id=-1)
+    toks = model.generate(batch, max_new_tokens=3, eos_token_id=-1)
     with torch.no_grad():
         for i, last in enumerate(batch.last_prompt.tolist()):
             seq = batch.input_ids[i, : last + 1].tolist()
@@ -154,6 +155,6 @@ def test_late_generation_matches_step_by_step_argmax():
                 one = fb.collate(fb.question_samples(test)[i : i + 1], with_labels=False)
                 one.input_ids = torch.tensor([seq])
                 one.attention_mask = torch.ones(1, len(seq), dtype=torch.long)
-                ref = _naive_late_logits(model, one, fb.bank.vectors, 2)[0]
+                ref = _naive_late_logits(model, one, 2)[0]
                 assert int(ref[-1].argmax()) == t
                 seq.append(t)
