@@ -69,7 +69,7 @@ def check_benchmark_config(cfg) -> None:
     from recsys_tapper.benchmark import METHOD_NAMES
 
     if cfg.target != "ml100k":
-        raise InputError(f"target {cfg.target!r} is not a benchmark target; available: ml100k")
+        raise InputError(f"target {cfg.target!r} is not a benchmark target; available: ml100k, drift")
     unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
     if unknown:
         raise InputError(f"methods/rerun: unknown {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")

@@ -35,6 +35,8 @@ class ModelConfig:
         questions name no item, such as LaMP, have none); ``item_slots`` prefix slots come from it.
     warm_start: ``mf`` initialises user rows (and item rows) as ``[p_u, b_u]`` (``[q_i, b_i]``) of a biased MF
         fitted on the Stage-2 training ratings only; user_dim and item_dim are then ``warm_start_rank + 1``.
+    record_label_weight: w in h_j = mean_emb(record text) + w·mean_emb(label) (``FeatureBuilder.record_vectors``);
+        0 = the paper's record vector, where the label is one or two tokens of the record's ~25.
     lambda_init: None = the paper's N(0, 0.02) start of lambda_t, lambda_o; ``data`` = the recency prior that best
         predicts each Stage-2 target's answer from its history's answers (``recsys_tapper.recency_prior``).
     """
@@ -59,6 +61,7 @@ class ModelConfig:
     warm_start: str | None = None
     warm_start_rank: int = 32
     lambda_init: str | None = None
+    record_label_weight: float = 0.0
 
 
 LAMBDA_INITS = (None, "data")

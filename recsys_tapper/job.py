@@ -216,7 +216,7 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
     lm = ex.place(lm)
     users = UserIndex(trainees)
     fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,
-                        cfg.model.max_prompt_tokens, cfg.model.max_history)
+                        cfg.model.max_prompt_tokens, cfg.model.max_history, label_weight=cfg.model.record_label_weight)
     fb.register(train_chosen + test, progress=ex.is_main)
     test_samples = fb.question_samples(test)
     test_ids = {ex.id for ex in test}
