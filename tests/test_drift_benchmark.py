@@ -38,7 +38,7 @@ def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monke
     assert set(on_disk["stage1"]) == {"tagging", "headline"} and on_disk["settings"]["n_users"] == 3
     md = (tmp_path / "drift.md").read_text()
     assert md.count("| method | f = 0.2 | f = 0.5 |") == 2
-    cells = re.compile(r"^\| tapper \| [0-9.]+ \([0-9.]+\) \| [0-9.]+ \([0-9.]+\) \|$", re.M)  # metric (2nd metric)
+    cells = re.compile(r"^\| tapper \| [0-9.]+ \([0-9.]+\) \| [0-9.]+ \([0-9.]+\) \|$", re.MULTILINE)  # metric (2nd)
     assert len(cells.findall(md)) == 2 and md.count("| tapper | 0.2 | ") == 2  # + one lambda row per task and f
     assert "## tagging (SYNTHETIC LaMP-2M): accuracy" in md and "## headline (SYNTHETIC LaMP-4): ROUGE-L" in md
     assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -142,6 +142,6 @@ def test_record_label_weight_adds_the_label_embedding_to_the_record_vector():
         fb = FeatureBuilder(Tok(), Enc(), get_task("LaMP-2M"), RecordBank(2), UserIndex(["u"]), label_weight=w)
         assert fb.register([ex]) == 1 and fb.register([ex]) == 0
         vectors[w] = fb.bank.vectors[0]
-    text = "description: a cat tag: drama"  # the LaMP-2M record text: 29 characters, 4 "a"
-    torch.testing.assert_close(vectors[0.0], torch.tensor([float(len(text)), 4.0]))
-    torch.testing.assert_close(vectors[2.0], torch.tensor([29.0 + 2 * 5, 4.0 + 2 * 2]))  # + 2 x "drama"
+    text = "description: a cat tag: drama"  # the LaMP-2M record text: 29 characters, 5 "a"
+    torch.testing.assert_close(vectors[0.0], torch.tensor([float(len(text)), 5.0]))
+    torch.testing.assert_close(vectors[2.0], torch.tensor([29.0 + 2 * 5, 5.0 + 2 * 2]))  # + 2 x "drama"
