@@ -90,10 +90,6 @@ ABLATIONS = {
     "tapper_pq_only": {"model": {"projector": {"use_user_state": False}}},
     "tapper_pu_only": {"model": {"projector": {"use_history": False}}},
     "tapper_no_time": {"model": {"pooling": {"time_bias": False, "order_bias": False}}},
-    # used by `tapper benchmark drift` (recsys_tapper/drift_benchmark.py): the paper's record vectors, and
-    # lambda_t, lambda_o started at N(0, 0.02) instead of the data's recency prior
-    "tapper_no_label_weight": {"model": {"record_label_weight": 0.0}},
-    "tapper_random_lambda": {"model": {"lambda_init": None}},
 }
 
 

@@ -44,7 +44,7 @@ from llm_bridge.backbone import load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.baselines.rag import RAG_METHODS, rag_samples
-from recsys_tapper.benchmark import _variant, file_digest, method_settings
+from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings
 from recsys_tapper.build import build_trunk
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
@@ -69,7 +69,10 @@ DRIFT_TASKS = {"tagging": (synthetic_tagging_task, "LaMP-2M", "accuracy", True),
                "rating": (synthetic_rating_task, "movielens", "mae", False),
                "headline": (synthetic_headline_task, "LaMP-4", "rougeL", True)}
 DRIFT_METHODS = ["non_personalized", "rag_recency_k4", "tapper_no_time", "tapper"]
-OPTIONAL_METHODS = ["tapper_no_label_weight", "tapper_random_lambda"]  # ablations of the drift defaults
+# ablations of the drift defaults: the paper's record vectors; lambdas started at N(0, 0.02), not the data's prior
+DRIFT_ABLATIONS = {"tapper_no_label_weight": {"model": {"record_label_weight": 0.0}},
+                   "tapper_random_lambda": {"model": {"lambda_init": None}}}
+OPTIONAL_METHODS = list(DRIFT_ABLATIONS)
 # SmolLM2-135M on this project's 2-core CPU (README, perf.json), per 40-token example: forward + backward through
 # all layers (Stage 1), Stage 2 at prefix layer 28 on the cached trunk, one forward; one greedy step (assumed).
 COST_S = {"train_full": 0.24, "train_late": 0.019, "forward": 0.06, "decode_step": 0.01}
@@ -153,7 +156,15 @@ def _settings(cfg: DriftBenchmarkConfig) -> dict:
 
 def row_settings(cfg: RunConfig, name: str) -> dict:
     """A row's own settings (``benchmark.method_settings``): a row is reused only when they match."""
+    if name in DRIFT_ABLATIONS:
+        return {**method_settings(cfg, "tapper"), "overrides": DRIFT_ABLATIONS[name]}
     return method_settings(cfg, name)
+
+
+def variant(cfg: DriftBenchmarkConfig, name: str) -> DriftBenchmarkConfig:
+    """``cfg`` with TAP-PER variant ``name``'s overrides (``benchmark.ABLATIONS`` or :data:`DRIFT_ABLATIONS`)."""
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), {**ABLATIONS, **DRIFT_ABLATIONS}[name])
+    return OmegaConf.to_object(merged)
 
 
 def task_config(cfg: DriftBenchmarkConfig, task: str) -> DriftBenchmarkConfig:
@@ -272,7 +283,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                                        tcfg, name)
                 train_s = 0.0
             else:
-                vcfg = _variant(tcfg, name)
+                vcfg = variant(tcfg, name)
                 resume = out_dir / f"drift_{task}_{frac:g}_{name}_stage2_resume.safetensors"
                 model, s2, losses, train_s, _ = train_stage2(vcfg, lm, fb, users, train_chosen, trunk, resume=resume)
                 prefill_trunk(trunk, fb, test_samples + dev, with_labels=False, desc="trunk cache, queries")

@@ -96,3 +96,17 @@ def test_cli_dispatches_drift_to_its_own_config(capsys):
     out = capsys.readouterr().out
     assert "usage: tapper benchmark drift" in out and "configs/benchmark_drift.yaml" in out
     assert "fractions:" in out and "lambda_init: data" in out and "lr_lambda: 0.05" in out
+
+
+def test_optional_ablations_undo_one_drift_default_each():
+    from recsys_tapper.drift_benchmark import row_settings, variant
+
+    cfg = drift_config([])
+    assert cfg.model.record_label_weight == 1.0 and cfg.model.lambda_init == "data"
+    assert variant(cfg, "tapper_no_label_weight").model.record_label_weight == 0.0
+    assert variant(cfg, "tapper_random_lambda").model.lambda_init is None
+    assert variant(cfg, "tapper_no_time").model.pooling.time_bias is False
+    assert variant(cfg, "tapper").model.lambda_init == "data"
+    base = row_settings(cfg, "tapper")
+    assert base["lambda_init"] == "data" and base["record_label_weight"] == 1.0 and base["lr_lambda"] == 0.05
+    assert row_settings(cfg, "tapper_random_lambda") == {**base, "overrides": {"model": {"lambda_init": None}}}
