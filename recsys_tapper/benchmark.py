@@ -141,7 +141,11 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history, "prefix_layer": m.prefix_layer,
             "item_dim": m.item_dim, "item_slots": m.item_slots, "warm_start": m.warm_start,
             "warm_start_rank": m.warm_start_rank, "trunk_dtype": m.trunk_dtype,
-            "per_user": cfg.paper_per_user if name == "tapper_paper" else cfg.per_user}
+            "per_user": cfg.paper_per_user if name == "tapper_paper" else cfg.per_user,
+            # only when set, so rows written before these settings existed are still reused
+            **({"lr_lambda": t.lr_lambda} if t.lr_lambda is not None else {}),
+            **({"lambda_init": m.lambda_init} if m.lambda_init is not None else {}),
+            **({"record_label_weight": m.record_label_weight} if m.record_label_weight else {})}
 
 
 def oppu_config(cfg: BenchmarkConfig) -> OppuConfig:
@@ -179,7 +183,7 @@ def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
 
 def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") -> dict:
     if cfg.target != "ml100k":
-        raise InputError(f"unknown benchmark target {cfg.target!r}; available: ml100k")
+        raise InputError(f"unknown benchmark target {cfg.target!r}; available: ml100k (drift: tapper benchmark drift)")
     unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
     if unknown:
         raise InputError(f"unknown methods {unknown}; known: {METHOD_NAMES}")
@@ -328,7 +332,7 @@ def stage1_model(cfg: RunConfig, train: list, register: list, users_all: list[st
     lm, tok = load_backbone(cfg.model.backbone)
     fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens), task,
                         RecordBank(lm.config.hidden_size), UserIndex(users_all), cfg.model.max_prompt_tokens,
-                        cfg.model.max_history)
+                        cfg.model.max_history, label_weight=cfg.model.record_label_weight)
     fb.register(register, progress=True)
     if cache.exists() and cached_s is not None:
         lm = add_lora(lm, cfg.model.task_lora)

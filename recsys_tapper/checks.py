@@ -39,9 +39,11 @@ def check_run_config(cfg) -> None:
         raise InputError(f"task.name {cfg.task.name!r} is not a task; known: {', '.join(sorted(TASKS))}")
     if cfg.data.source not in DATA_SOURCES:
         raise InputError(f"data.source {cfg.data.source!r} is not one of {', '.join(DATA_SOURCES)}")
-    from recsys_tapper.config import check_table_optimizer
+    from recsys_tapper.config import LAMBDA_INITS, check_table_optimizer
 
     check_table_optimizer(cfg.trainer.table_optimizer, getattr(getattr(cfg, "dist", None), "sharding", None))
+    if cfg.model.lambda_init not in LAMBDA_INITS:
+        raise InputError(f"model.lambda_init {cfg.model.lambda_init!r} is not one of null, data")
     if cfg.data.source == "lamp":
         need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
         _check_lamp_dir(cfg.data.dir, need, f"data.train_split={cfg.data.train_split}, "
@@ -67,7 +69,7 @@ def check_benchmark_config(cfg) -> None:
     from recsys_tapper.benchmark import METHOD_NAMES
 
     if cfg.target != "ml100k":
-        raise InputError(f"target {cfg.target!r} is not a benchmark target; available: ml100k")
+        raise InputError(f"target {cfg.target!r} is not a benchmark target; available: ml100k, drift")
     unknown = [m for m in [*cfg.methods, *cfg.rerun] if m not in METHOD_NAMES]
     if unknown:
         raise InputError(f"methods/rerun: unknown {', '.join(unknown)}; known: {', '.join(METHOD_NAMES)}")

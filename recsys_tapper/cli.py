@@ -9,6 +9,7 @@
     tapper serve model_dir=runs/demo/model host=127.0.0.1 port=8000 [max_batch=16 max_wait_ms=5]   # HTTP
     tapper explain model_dir=runs/demo/model user=405 question="..." [out=explain]   # -> explain.{png,json}
     tapper benchmark ml100k [methods=[tapper,oppu]] [per_user=2]       # every method, side by side
+    tapper benchmark drift [tasks=[tagging] fractions=[0.1,0.5]]         # metric vs drift recency (synthetic)
     tapper params [--hidden 576 --layers 30 ... | --model-dir DIR | --paper] --users 1000   (argparse)
     tapper <command> --help                        # that command's options
     torchrun --nproc_per_node=2 -m recsys_tapper.dist_train ...             # distributed Stage 2
@@ -99,6 +100,30 @@ def _benchmark(cfg) -> None:
     print(f"{len(result['methods'])} methods written to {bcfg.results_dir}/ml100k.json")
 
 
+def _benchmark_drift(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from recsys_tapper.drift_benchmark import benchmark_drift
+
+    dcfg = OmegaConf.to_object(cfg)
+    result = benchmark_drift(dcfg, command="tapper benchmark drift " + " ".join(sys.argv[1:]))
+    print((Path(dcfg.results_dir) / "drift.md").read_text())
+    print(f"{len(result['rows'])} rows written to {dcfg.results_dir}/drift.json")
+
+
+def _register_drift() -> None:
+    from recsys_tapper.drift_benchmark import register_drift
+
+    register_drift()
+
+
+def _check_drift(cfg) -> None:
+    from recsys_tapper.drift_benchmark import check_drift_config
+
+    check_drift_config(cfg)
+    _check_run(cfg)
+
+
 def _serve(cfg) -> None:
     from omegaconf import OmegaConf
 
@@ -185,11 +210,20 @@ COMMANDS = {
     "update": ("update", _update, _register_user_ops, None,
                "Append new events to a saved model and fine-tune only the affected users' rows."),
     "benchmark": ("benchmark", _benchmark, _register_benchmark, _check_benchmark,
-                  "Every method side by side on a target (ml100k); writes results_dir/ml100k.{json,md,png}."),
+                  ("Every method side by side on a target (ml100k, or drift: see `tapper benchmark drift --help`); "
+                  "writes results_dir/<target>.{json,md,png}.")),
     "serve": ("serve", _serve, _register_serve, None,
               "Serve a saved model over HTTP: batched answers, live events (durable log), users, explain, metrics."),
     "explain": ("explain", _explain, _register_explain, None,
                 "What the time-aware attention read for one answer: writes <out>.png and <out>.json."),
+}
+
+
+# ``tapper benchmark <target>`` targets with a config of their own (the rest use configs/benchmark.yaml)
+BENCHMARK_TARGETS = {
+    "drift": ("benchmark_drift", _benchmark_drift, _register_drift, _check_drift,
+              ("Each method's metric against the fraction of the profile after the drift point (SYNTHETIC tasks); "
+              "writes results_dir/drift.{json,md,png}.")),
 }
 
 
@@ -198,13 +232,13 @@ def _usage(file=None) -> None:
     print("commands:", ", ".join([*COMMANDS, "params"]), file=file)
 
 
-def command_help(name: str) -> str:
+def command_help(name: str, spec: tuple | None = None) -> str:
     """One command's help: what it does, its options (the composed config) and the config groups it uses."""
     from omegaconf import OmegaConf
 
     from recsys_tapper.runner import compose_config
 
-    config_name, _, register, _, summary = COMMANDS[name]
+    config_name, _, register, _, summary = spec or COMMANDS[name]
     register()
     cfg = compose_config(config_name, [])
     groups = [f"  {k}: {', '.join(sorted(p.stem for p in (Path(CONFIG_DIR) / k).glob('*.yaml')))}"
@@ -235,8 +269,12 @@ def main(argv: list[str] | None = None) -> None:
         _usage(sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
     name, args = argv[0], argv[1:]
+    spec = COMMANDS[name]
+    if name == "benchmark" and args and args[0] in BENCHMARK_TARGETS:  # tapper benchmark drift: its own config
+        spec, args = BENCHMARK_TARGETS[args[0]], args[1:]
+        name = f"benchmark {spec[0].removeprefix('benchmark_')}"
     if "-h" in args or "--help" in args:
-        print(command_help(name))
+        print(command_help(name, spec))
         raise SystemExit(0)
     if name == "benchmark" and args and "=" not in args[0]:
         args = [f"target={args[0]}", *args[1:]]  # tapper benchmark ml100k -> target=ml100k
@@ -245,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tapper {name}: error: unknown option {flags[0]!r} (options are key=value; see --help)",
               file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
-    config_name, fn, register, check, _ = COMMANDS[name]
+    config_name, fn, register, check, _ = spec
     sys.argv = [f"tapper {name}", *args]
     code = execute(f"tapper {name}", config_name, args, fn, register=register, check=check, debug=debug)
     if code:

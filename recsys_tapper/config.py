@@ -35,6 +35,10 @@ class ModelConfig:
         questions name no item, such as LaMP, have none); ``item_slots`` prefix slots come from it.
     warm_start: ``mf`` initialises user rows (and item rows) as ``[p_u, b_u]`` (``[q_i, b_i]``) of a biased MF
         fitted on the Stage-2 training ratings only; user_dim and item_dim are then ``warm_start_rank + 1``.
+    record_label_weight: w in h_j = mean_emb(record text) + w·mean_emb(label) (``FeatureBuilder.record_vectors``);
+        0 = the paper's record vector, where the label is one or two tokens of the record's ~25.
+    lambda_init: None = the paper's N(0, 0.02) start of lambda_t, lambda_o; ``data`` = the recency prior that best
+        predicts each Stage-2 target's answer from its history's answers (``recsys_tapper.recency_prior``).
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -56,6 +60,11 @@ class ModelConfig:
     item_slots: int = 1
     warm_start: str | None = None
     warm_start_rank: int = 32
+    lambda_init: str | None = None
+    record_label_weight: float = 0.0
+
+
+LAMBDA_INITS = (None, "data")
 
 
 @dataclass
@@ -87,6 +96,9 @@ class TrainerConfig:
     stage1_examples: non-personalized (query -> answer) pairs from *other* users for the task LoRA.
     stage2_per_user: most recent profile records per user used as Stage-2 targets (None = all).
     lr_user / lr_dense / lr_bridge: Stage-2 learning rates of P_u rows, scorer+projection, bridge LoRA.
+    lr_lambda: None = lambda_t, lambda_o train with the scorer at lr_dense (and its weight decay, as before);
+        a value gives the two scalars their own group at that rate, without weight decay (decay would pull the
+        recency prior towards none). At lr_dense = 3e-3 Adam moves a scalar at most ~0.3 in a hundred steps.
     table_optimizer: the P_u rows' optimizer, the same locally and under torchrun: adamw (in the job's AdamW,
         lr_user, wd_user, scheduled and clipped; torchrun: dist.sharding=data_parallel) | rowwise_adagrad |
         adagrad | sgd (FBGEMM's fused update under torchrun, its twin locally: constant table_lr, no decay or
@@ -109,6 +121,7 @@ class TrainerConfig:
     lr_user: float = 3e-3
     lr_dense: float = 3e-3
     lr_bridge: float = 1e-3
+    lr_lambda: float | None = None
     wd_user: float = 0.01
     table_optimizer: str = "adamw"
     table_lr: float | None = None

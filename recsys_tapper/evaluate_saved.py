@@ -143,7 +143,7 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
     model, tok, users, bank, saved = load_model(cfg.model_dir, cfg.allow_fingerprint_mismatch)
     encoder = TextEncoder(model.lm, tok, saved.model.max_record_tokens)
     fb = FeatureBuilder(tok, encoder, task, bank, users, saved.model.max_prompt_tokens, saved.model.max_history,
-                        items=model.item_index)
+                        items=model.item_index, label_weight=saved.model.record_label_weight)
     n_new_records = fb.register(examples, progress=True)  # unseen users' (and new) records, in memory only
     samples = fb.question_samples(examples)
     batch_size = cfg.batch_size or saved.trainer.eval_batch_size

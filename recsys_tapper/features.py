@@ -92,8 +92,10 @@ class FeatureBuilder:
         max_prompt_tokens: int = 96,
         max_history: int | None = None,
         items: UserIndex | None = None,
+        label_weight: float = 0.0,
     ) -> None:
         self.tok, self.encoder, self.task, self.bank, self.users = tokenizer, encoder, task, bank, users
+        self.label_weight = label_weight  # record vector = enc(record text) + label_weight * enc(label)
         self.items = items  # item id -> item-table row (None: no item table)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_history = max_history
@@ -104,18 +106,29 @@ class FeatureBuilder:
         self.suffix_ids: list[int] = tokenizer(task.prompt_suffix, add_special_tokens=False)["input_ids"]
 
     def register(self, examples: Sequence[LampExample], progress: bool = False) -> int:
-        """Encode every profile record not yet in the bank; returns how many were added."""
-        keys, texts = [], []
+        """Encode every profile record not yet in the bank (:meth:`record_vectors`); returns how many were added."""
+        uniq = {}
         for ex in examples:
             for r in ex.profile:
                 k = record_key(ex.user_id, r.id)
                 if k not in self.bank.index:
-                    keys.append(k)
-                    texts.append(self.task.record_text(r.fields))
-        uniq = dict(zip(keys, texts))
+                    uniq[k] = r.fields  # a key met twice keeps its last fields, as before
         if uniq:
-            self.bank.add(list(uniq), self.encoder.encode(list(uniq.values()), progress=progress))
+            self.bank.add(list(uniq), self.record_vectors(list(uniq.values()), progress=progress))
         return len(uniq)
+
+    def record_vectors(self, fields: Sequence, progress: bool = False) -> torch.Tensor:
+        """(N records' fields) -> (N, d): the mean input embedding of ``task.record_text`` (the paper's h_j), plus,
+        with ``label_weight`` w > 0, w times the mean embedding of the label alone, so that the label is not one
+        token in ~25 of the record's mean (``model.record_label_weight``)::
+
+            h_j = mean_emb(record_text_j) + w * mean_emb(label_j)
+        """
+        h = self.encoder.encode([self.task.record_text(f) for f in fields], progress=progress)  # (N, d)
+        out = self.task.output_field
+        if self.label_weight and out is not None:
+            h = h + self.label_weight * self.encoder.encode([str(f[out]).strip() for f in fields])  # (N, d)
+        return h
 
     def _history(self, ex: LampExample, upto: int | None = None) -> tuple[list[int], list[float | None]]:
         recs = ex.profile[:upto] if upto is not None else ex.profile

@@ -38,7 +38,7 @@ from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from llm_bridge.trunk import TrunkCache
 from recsys_tapper.build import build_tapper, build_trunk
 from recsys_tapper.checkpoint import save_model
-from recsys_tapper.config import RunConfig, check_table_optimizer
+from recsys_tapper.config import LAMBDA_INITS, RunConfig, check_table_optimizer
 from recsys_tapper.data import LampExample, write_predictions
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, predict_texts, task_report
@@ -58,6 +58,7 @@ from recsys_tapper.pipeline import (
     seed_everything,
     stage1_samples,
 )
+from recsys_tapper.recency_prior import init_lambdas, record_answers
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import CLASSIFICATION, RATING, get_task
 from recsys_tapper.users import UserIndex
@@ -127,8 +128,16 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
             ex.place(part)
     if m.projector.standardize_context:
         model.projector.fit_context(mean_histories(fb.bank.vectors, s2).to(ex.device))
+    pool = model.tower.pooling
+    if m.lambda_init not in LAMBDA_INITS:
+        raise InputError(f"model.lambda_init {m.lambda_init!r} is not one of {LAMBDA_INITS}")
+    if m.lambda_init == "data":  # every rank fits the same prior from the same samples
+        init_lambdas(pool, s2, record_answers(train, fb), fb.task)
+    model.lambda_start = {"lambda_t": pool.lambda_t.item(), "lambda_o": pool.lambda_o.item()}
     prefill_trunk(trunk, fb, s2, with_labels=True)
-    dense = list(model.tower.pooling.parameters()) + list(model.projector.parameters())
+    lambdas = [pool.lambda_t, pool.lambda_o]
+    dense = [p for p in pool.parameters() if t.lr_lambda is None or all(p is not q for q in lambdas)]
+    dense += list(model.projector.parameters())
     dense += list(model.items.up.parameters()) if model.items else []
     item_rows = list(model.items.table.parameters()) if model.items else []
     row_groups, table_opt = ex.shard_rows(model, t)  # the P_u table: the executor's to place and step
@@ -138,6 +147,7 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     groups = [
         *row_groups,
         {"params": dense, "lr": t.lr_dense},
+        *([{"params": lambdas, "lr": t.lr_lambda, "weight_decay": 0.0}] if t.lr_lambda is not None else []),
         {"params": lora_parameters(plm), "lr": t.lr_bridge},
     ]
     ex.broadcast([p for g in groups for p in g["params"]])
@@ -146,6 +156,15 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     losses, _ = ex.train(model, s2, ex.features(fb), groups, t.stage2, desc="stage 2 (personalization)",
                          table_opt=table_opt, resume=resume, resume_tag=tag)
     return model, s2, losses, time.perf_counter() - t0, groups
+
+
+def lambda_report(model: TapperModel) -> dict:
+    """lambda_t, lambda_o after Stage 2, where Stage 2 started them (``*_start``) and whether each bias is on."""
+    pool = model.tower.pooling
+    start = getattr(model, "lambda_start", {})
+    return {"lambda_t": pool.lambda_t.detach().item(), "lambda_o": pool.lambda_o.detach().item(),
+            **{f"{k}_start": v for k, v in start.items()},
+            "time_bias": pool.cfg.time_bias, "order_bias": pool.cfg.order_bias}
 
 
 def score(ex: Executor, model: TapperModel, fb: FeatureBuilder, samples, task, cfg: RunConfig, desc: str,
@@ -197,7 +216,7 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
     lm = ex.place(lm)
     users = UserIndex(trainees)
     fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,
-                        cfg.model.max_prompt_tokens, cfg.model.max_history)
+                        cfg.model.max_prompt_tokens, cfg.model.max_history, label_weight=cfg.model.record_label_weight)
     fb.register(train_chosen + test, progress=ex.is_main)
     test_samples = fb.question_samples(test)
     test_ids = {ex.id for ex in test}
@@ -232,15 +251,14 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
         "n_stage2_examples": len(s2),
         "n_stage2_steps": len(losses),
         "stage2_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-        "lambda_t": model.tower.pooling.lambda_t.detach().item(),
-        "lambda_o": model.tower.pooling.lambda_o.detach().item(),
+        **lambda_report(model),
         "table_optimizer": cfg.trainer.table_optimizer,
         **ex.summary(groups),
         "methods": {
             "non_personalized": {**(np_rep or {}), "params_per_user": 0, "train_s": stage1_s, "eval_s": np_eval_s,
                                  "wall_s": stage1_s + np_eval_s},
             "tapper": {**(tp_rep or {}), "params_per_user": user_dim, "train_s": stage2_s, "eval_s": tp_eval_s,
-                       "wall_s": stage1_s + stage2_s + tp_eval_s},
+                       "wall_s": stage1_s + stage2_s + tp_eval_s, **lambda_report(model)},
         },
         "stage1_losses": stage1_losses,
         "losses": losses,

@@ -85,6 +85,9 @@ class Server:
             raise ValueError(f"cold_start {cold_start!r} is not one of {', '.join(COLD_START_MODES)}")
         self.model_dir = Path(model_dir)
         self.model, self.tok, self.users, self.bank, self.cfg = load_model(self.model_dir, allow_fingerprint_mismatch)
+        if self.cfg.model.record_label_weight:  # live records are encoded here, without the label term
+            raise NotImplementedError("serving a model trained with model.record_label_weight != 0 is not "
+                                      "supported yet")
         self.task = get_task(self.cfg.task.name)
         if not self.task.labels:
             raise NotImplementedError(f"serving scores label tasks; {self.task.name} is {self.task.kind}")

@@ -11,9 +11,12 @@ from the user's history and a non-personalized one cannot:
 | ``SYNTHETIC-LaMP-4``           | LaMP-4    | a headline habit: ALL CAPS, a signature word at the end, "!!!",     |
 |                                |           | all lower case, or a "BREAKING:" opener, applied to a base headline |
 
-Drift (``drift=True``), the same known schedule in all three: from position ``(n_records + n_test) // 2`` of
-each user's timeline on, the rating taste flips sign, the 3 preferred tags are replaced by 3 others, the
-headline habit changes to another one. Old records then mislead and the test queries follow the new rule.
+Drift (``drift=True``), the same known schedule in all three: from the drift point of each user's timeline on,
+the rating taste flips sign, the 3 preferred tags are replaced by 3 others, the headline habit changes to another
+one. Old records then mislead and the test queries follow the new rule. The drift point is position
+``(n_records + n_test) // 2`` of the timeline (its midpoint, the default), or, with ``drift_frac`` = f, position
+``n_records - round(f · n_records)``: the last f of the profile (and every test query) follows the new rule
+(:func:`drift_point`). f = 0 drifts the test queries alone; smaller f is a more recent drift.
 
 Layout: per user, the train split has one question (the last training record) whose profile holds the
 records before it; the test split has ``n_test`` questions whose profile holds all ``n_records`` records.
@@ -46,8 +49,30 @@ def _rating(taste: float, rng: random.Random) -> str:
     return str(min(5, max(1, round(3 + taste + rng.gauss(0, 0.3)))))
 
 
-def _drifted(drift: bool, i: int, n_total: int) -> bool:
-    return drift and i >= n_total // 2
+def drift_point(n_records: int, n_test: int, drift: bool, drift_frac: float | None = None) -> int | None:
+    """The first timeline position that follows the new rule (None without drift).
+
+    ``drift_frac`` None: the timeline's midpoint ``(n_records + n_test) // 2``; else the last
+    ``round(drift_frac · n_records)`` profile records and the test queries are after it.
+
+    Example::
+
+        drift_point(30, 3, True)         # 16
+        drift_point(20, 3, True, 0.25)   # 15: profile records 15..19 and the test queries drifted
+    """
+    if not drift:
+        if drift_frac is not None:
+            raise ValueError(f"drift_frac={drift_frac} needs drift=True")
+        return None
+    if drift_frac is None:
+        return (n_records + n_test) // 2
+    if not 0.0 <= drift_frac <= 1.0:
+        raise ValueError(f"drift_frac must lie in [0, 1], got {drift_frac}")
+    return n_records - round(drift_frac * n_records)
+
+
+def _drifted(at: int | None, i: int) -> bool:
+    return at is not None and i >= at
 
 
 def _layout(user: str, recs: list[tuple[str, dict, float, str]], n_records: int, question: Callable[[dict], str],
@@ -62,11 +87,13 @@ def _layout(user: str, recs: list[tuple[str, dict, float, str]], n_records: int,
 
 
 def synthetic_rating_task(
-    n_users: int = 8, n_records: int = 30, n_test: int = 3, seed: int = 0, drift: bool = False
+    n_users: int = 8, n_records: int = 30, n_test: int = 3, seed: int = 0, drift: bool = False,
+    drift_frac: float | None = None,
 ) -> tuple[list[LampExample], list[LampExample]]:
     """SYNTHETIC movielens-layout ratings. Return (train questions, test questions): train profiles hold
-    the records before the test ones. With ``drift`` every taste flips sign halfway through the timeline."""
+    the records before the test ones. With ``drift`` every taste flips sign at :func:`drift_point`."""
     rng = random.Random(seed)
+    at = drift_point(n_records, n_test, drift, drift_frac)
     template = get_task("movielens").input_template  # the questions read like the records' training examples
     train, test = [], []
     for u in range(n_users):
@@ -75,7 +102,7 @@ def synthetic_rating_task(
         recs = []
         for i in range(n_records + n_test):
             g = rng.choice(GENRES)
-            t = taste[g] * (-1.0 if _drifted(drift, i, n_records + n_test) else 1.0)
+            t = taste[g] * (-1.0 if _drifted(at, i) else 1.0)
             title = f"film {rng.randrange(10_000)} | {g}"
             recs.append((f"{user}_{i}", title, _rating(t, rng), float(i * 3)))
         profile = tuple(ProfileRecord(rid, {"text": txt, "score": sc}, day) for rid, txt, sc, day in recs[:n_records])
@@ -108,7 +135,8 @@ def preferred_tags(user_rng: random.Random) -> tuple[tuple[str, ...], tuple[str,
 
 
 def synthetic_tagging_task(
-    n_users: int = 8, n_records: int = 30, n_test: int = 3, seed: int = 0, drift: bool = False
+    n_users: int = 8, n_records: int = 30, n_test: int = 3, seed: int = 0, drift: bool = False,
+    drift_frac: float | None = None,
 ) -> tuple[list[LampExample], list[LampExample]]:
     """SYNTHETIC LaMP-2M-layout movie tagging (fields ``description``, ``tag``).
 
@@ -119,12 +147,13 @@ def synthetic_tagging_task(
     template = get_task("LaMP-2M").input_template  # LaMP's question form, as Task.record_example builds it
     train, test = [], []
     n_total = n_records + n_test
+    at = drift_point(n_records, n_test, drift, drift_frac)
     for u in range(n_users):
         user = f"syn{u}"
         before, after = preferred_tags(rng)
         recs = []
         for i in range(n_total):
-            liked = after if _drifted(drift, i, n_total) else before
+            liked = after if _drifted(at, i) else before
             gold = rng.choice(liked)
             cues = [gold, *rng.sample([t for t in TAGS if t not in liked], 2)]
             rng.shuffle(cues)
@@ -167,18 +196,20 @@ def apply_style(base: str, style: str, signature: str) -> str:
 
 
 def synthetic_headline_task(
-    n_users: int = 8, n_records: int = 30, n_test: int = 3, seed: int = 0, drift: bool = False
+    n_users: int = 8, n_records: int = 30, n_test: int = 3, seed: int = 0, drift: bool = False,
+    drift_frac: float | None = None,
 ) -> tuple[list[LampExample], list[LampExample]]:
     """SYNTHETIC LaMP-4-layout headline generation (fields ``text``, ``title``).
 
     The base headline ``"{Subject} {verb} {object}"`` follows from the article; the user's habit
     (:func:`apply_style`, with a per-user signature word) is the personal part. With ``drift`` the habit
-    switches to a different style halfway.
+    switches to a different style at :func:`drift_point`.
     """
     rng = random.Random(seed)
     template = get_task("LaMP-4").input_template
     train, test = [], []
     n_total = n_records + n_test
+    at = drift_point(n_records, n_test, drift, drift_frac)
     for u in range(n_users):
         user = f"syn{u}"
         first = rng.choice(STYLES)
@@ -189,7 +220,7 @@ def synthetic_headline_task(
             subj, (past, present), obj = rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)
             text = (f"On {rng.choice(_DAYS)}, the {subj.lower()} in {rng.choice(_PLACES)} {past} the {obj}, "
                     f"officials said.")
-            style = second if _drifted(drift, i, n_total) else first
+            style = second if _drifted(at, i) else first
             title = apply_style(f"{subj} {present} {obj}", style, signature)
             recs.append((f"{user}_{i}", {"text": text, "title": title}, float(i * 3), title))
         tr, te = _layout(user, recs, n_records, lambda f: template.format(**f), SOURCE)
@@ -221,7 +252,7 @@ SYNTHETIC_TASKS: dict[str, SyntheticSpec] = {
 
 
 def write_synthetic(out_dir: str | Path, n_users: int = 20, n_records: int = 30, n_test: int = 3, seed: int = 0,
-                    drift: bool = True) -> dict[str, dict[str, tuple[Path, Path]]]:
+                    drift: bool = True, drift_frac: float | None = None) -> dict[str, dict[str, tuple[Path, Path]]]:
     """Write every SYNTHETIC task in LaMP JSON layout (via ``write_lamp``) under ``out_dir/<task name>/``.
 
     Each folder holds ``dev_*`` (train questions) and ``test_*`` questions/outputs files and a
@@ -232,7 +263,8 @@ def write_synthetic(out_dir: str | Path, n_users: int = 20, n_records: int = 30,
     out: dict[str, dict[str, tuple[Path, Path]]] = {}
     for name, spec in SYNTHETIC_TASKS.items():
         d = Path(out_dir) / name
-        train, test = spec.build(n_users=n_users, n_records=n_records, n_test=n_test, seed=seed, drift=drift)
+        train, test = spec.build(n_users=n_users, n_records=n_records, n_test=n_test, seed=seed, drift=drift,
+                                 drift_frac=drift_frac)
         out[name] = {}
         for split, examples in (("dev", train), ("test", test)):
             q, o = d / f"{split}_questions.json", d / f"{split}_outputs.json"
@@ -242,7 +274,8 @@ def write_synthetic(out_dir: str | Path, n_users: int = 20, n_records: int = 30,
             atomic_write_text(o, json.dumps(golds, ensure_ascii=False))
             out[name][split] = (q, o)
         manifest = {"synthetic": True, "task": name, "layout": spec.layout, "planted": spec.planted,
-                    "drift": drift, "drift_at": (n_records + n_test) // 2 if drift else None, "seed": seed,
+                    "drift": drift, "drift_at": drift_point(n_records, n_test, drift, drift_frac),
+                    "drift_frac": drift_frac, "seed": seed,
                     "n_users": n_users, "n_records": n_records, "n_test": n_test}
         atomic_write_text(d / "SYNTHETIC.json", json.dumps(manifest, indent=2))
     return out

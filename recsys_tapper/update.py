@@ -130,6 +130,9 @@ def update_model(
     model_dir = Path(model_dir)
     t = {"start": time.perf_counter()}
     model, tok, users, bank, cfg = load_model(model_dir)
+    if cfg.model.record_label_weight:  # new records are encoded here, without the label term
+        raise NotImplementedError("tapper update of a model trained with model.record_label_weight != 0 is not "
+                                  "supported yet")
     task = get_task(cfg.task.name)
     t["load"] = time.perf_counter()
     good, report = validate_events(events, task, set(bank.index), strict=strict, now=now)

@@ -115,3 +115,33 @@ def test_profile_samples_see_only_earlier_records_cut_to_max_history(lm_tok, max
         assert s.history_rows == rows[lo:i]  # strictly before the target: no leakage of record i
         assert s.history_days == [10.0 * j for j in range(lo, i)]
         assert (s.query_day, s.answer, s.question) == (10.0 * i, str(1 + i % 5), f"Rate the movie from 1 to 5. movie: m{i}")
+
+
+def test_record_label_weight_adds_the_label_embedding_to_the_record_vector():
+    import torch
+
+    from embeddings.record_bank import RecordBank
+    from recsys_tapper.data import LampExample, ProfileRecord
+    from recsys_tapper.features import FeatureBuilder
+    from recsys_tapper.tasks import get_task
+    from recsys_tapper.users import UserIndex
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1]}
+
+    class Enc:  # a text's vector: [its length, its count of "a"]
+        def encode(self, texts, progress=False):
+            return torch.tensor([[float(len(t)), float(t.count("a"))] for t in texts])
+
+    ex = LampExample("q", "u", "?", (ProfileRecord("r1", {"description": "a cat", "tag": "drama"}, 1.0),))
+    vectors = {}
+    for w in (0.0, 2.0):
+        fb = FeatureBuilder(Tok(), Enc(), get_task("LaMP-2M"), RecordBank(2), UserIndex(["u"]), label_weight=w)
+        assert fb.register([ex]) == 1 and fb.register([ex]) == 0
+        vectors[w] = fb.bank.vectors[0]
+    text = "description: a cat tag: drama"  # the LaMP-2M record text: 29 characters, 5 "a"
+    torch.testing.assert_close(vectors[0.0], torch.tensor([float(len(text)), 5.0]))
+    torch.testing.assert_close(vectors[2.0], torch.tensor([29.0 + 2 * 5, 5.0 + 2 * 2]))  # + 2 x "drama"

@@ -144,3 +144,34 @@ def test_write_synthetic_round_trips_through_the_lamp_loader(tmp_path):
             assert all(e.extras["source"] == "SYNTHETIC" for e in got)
         manifest = json.loads((q.parent / "SYNTHETIC.json").read_text())
         assert manifest["synthetic"] is True and manifest["drift_at"] == 5 and manifest["layout"] == spec.layout
+
+
+def test_drift_point_default_is_the_midpoint_and_drift_frac_counts_from_the_end():
+    from recsys_tapper.synthetic import drift_point
+
+    assert drift_point(30, 3, True) == 16 and drift_point(8, 2, True) == 5
+    assert drift_point(20, 3, True, 0.25) == 15 and drift_point(20, 3, True, 0.0) == 20
+    assert drift_point(20, 3, True, 1.0) == 0 and drift_point(30, 3, False) is None
+    with pytest.raises(ValueError):
+        drift_point(20, 3, False, 0.5)
+    with pytest.raises(ValueError):
+        drift_point(20, 3, True, 1.5)
+
+
+def test_drift_frac_puts_the_last_fraction_of_the_profile_under_the_new_rule():
+    train, test = synthetic_headline_task(n_users=4, n_records=20, n_test=2, seed=5, drift=True, drift_frac=0.25)
+    for u in range(4):
+        profile, questions = _timeline(train, test, f"syn{u}")
+        styles = [_style(r.fields["title"]) for r in profile] + [_style(q.output) for q in questions]
+        assert len(set(styles[:15])) == 1 and len(set(styles[15:])) == 1 and styles[14] != styles[15]
+    # tagging: the last 5 of 20 profile records and the test golds come from the other 3 preferred tags
+    train, test = synthetic_tagging_task(n_users=4, n_records=20, n_test=2, seed=5, drift=True, drift_frac=0.25)
+    for u in range(4):
+        profile, questions = _timeline(train, test, f"syn{u}")
+        early = {r.fields["tag"] for r in profile[:15]}
+        late = {r.fields["tag"] for r in profile[15:]} | {q.output for q in questions}
+        assert len(early) == 3 and not early & late and len(late) <= 3
+    # the default (drift_frac=None) keeps the midpoint schedule, record for record
+    assert synthetic_rating_task(3, 10, 2, 7, drift=True) == synthetic_rating_task(3, 10, 2, 7, True, None)
+    assert synthetic_rating_task(3, 10, 2, 7, drift=True) == synthetic_rating_task(3, 10, 2, 7, True, 0.4)
+    assert synthetic_rating_task(3, 10, 2, 7, drift=True) != synthetic_rating_task(3, 10, 2, 7, True, 0.2)

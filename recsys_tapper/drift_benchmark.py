@@ -1,0 +1,323 @@
+"""``tapper benchmark drift``: each method's metric against how much of the profile follows a drifted rule.
+
+The SYNTHETIC generator (``recsys_tapper.synthetic``) plants a per-user rule that changes at a known point; with
+``drift_frac`` = f the last f of each profile (and every test query) follows the new rule. Smaller f is a more
+recent drift: fewer records show the new rule and more show the old one. For each task and each f:
+
+| task       | generator                  | layout (prompts, templates) | metric (table, plot)            |
+|------------|----------------------------|-----------------------------|---------------------------------|
+| ``tagging``  | ``synthetic_tagging_task``  | LaMP-2M, label-set scoring  | accuracy (+ F1, out-of-label-set) |
+| ``rating``   | ``synthetic_rating_task``   | movielens, 1-5              | MAE (+ RMSE)                    |
+| ``headline`` | ``synthetic_headline_task`` | LaMP-4, greedy decoding     | ROUGE-L (+ ROUGE-1)             |
+
+Methods: ``non_personalized`` (the Stage-1 model), ``rag_recency_k4`` (the 4 latest records in the prompt),
+``tapper_no_time`` (TAP-PER without lambda_t, lambda_o) and ``tapper``. One Stage-1 task LoRA per task, trained on
+``stage1_users`` other users of the same generator without drift (their records do not depend on f), is shared by
+every fraction and method of the task (cached beside the results). TAP-PER rows report lambda_t, lambda_o and
+where Stage 2 started them. The defaults (configs/benchmark_drift.yaml) start the lambdas at the data's recency
+prior (``model.lambda_init=data``), train them at their own rate (``trainer.lr_lambda``) and add each record's
+label embedding to its vector (``model.record_label_weight=1``); ``tapper_random_lambda`` and
+``tapper_no_label_weight`` (optional methods) undo one each.
+
+Results go to ``results_dir/drift.json`` after every row (a killed run resumes; a row is reused only when every
+setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``::
+
+    tapper benchmark drift                                        # SmolLM2, the defaults (estimate printed)
+    tapper benchmark drift tasks=[tagging] fractions=[0.1,0.5] methods=[tapper,tapper_no_time]
+    tapper benchmark drift model=tiny trainer=smoke n_users=4 results_dir=runs/drift   # a smoke run
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from embeddings.record_bank import RecordBank
+from llm_bridge.backbone import load_backbone
+from llm_bridge.encoder import TextEncoder
+from llm_bridge.lora import add_lora, merge_lora
+from recsys_tapper.baselines.rag import RAG_METHODS, rag_samples
+from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings
+from recsys_tapper.build import build_trunk
+from recsys_tapper.config import RunConfig
+from recsys_tapper.errors import InputError
+from recsys_tapper.executors import LocalExecutor
+from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.io import atomic_write_text
+from recsys_tapper.job import lambda_report, score, train_stage1, train_stage2
+from recsys_tapper.model import TapperModel
+from recsys_tapper.pipeline import personal_splits, prefill_trunk
+from recsys_tapper.runmeta import run_meta
+from recsys_tapper.synthetic import (
+    drift_point,
+    synthetic_headline_task,
+    synthetic_rating_task,
+    synthetic_tagging_task,
+)
+from recsys_tapper.tasks import RATING, get_task
+from recsys_tapper.users import UserIndex
+
+# task -> (generator, layout task, headline metric, higher is better)
+DRIFT_TASKS = {"tagging": (synthetic_tagging_task, "LaMP-2M", "accuracy", True),
+               "rating": (synthetic_rating_task, "movielens", "mae", False),
+               "headline": (synthetic_headline_task, "LaMP-4", "rougeL", True)}
+DRIFT_METHODS = ["non_personalized", "rag_recency_k4", "tapper_no_time", "tapper"]
+# ablations of the drift defaults: the paper's record vectors; lambdas started at N(0, 0.02), not the data's prior
+DRIFT_ABLATIONS = {"tapper_no_label_weight": {"model": {"record_label_weight": 0.0}},
+                   "tapper_random_lambda": {"model": {"lambda_init": None}}}
+OPTIONAL_METHODS = list(DRIFT_ABLATIONS)
+# SmolLM2-135M on this project's 2-core CPU (README, perf.json), per 40-token example: forward + backward through
+# all layers (Stage 1), Stage 2 at prefix layer 28 on the cached trunk, one forward; one greedy step (assumed).
+COST_S = {"train_full": 0.24, "train_late": 0.019, "forward": 0.06, "decode_step": 0.01}
+# tokens per example, measured with SmolLM2's tokenizer on the generator's text: prompt, answer (+EOS), RAG-k4
+# prompt (cut at rag_max_prompt_tokens), extra label tokens of label-set scoring
+TOKENS = {"tagging": (91, 3, 200, 25), "rating": (24, 1, 83, 0), "headline": (30, 11, 166, 0)}
+
+
+@dataclass
+class DriftBenchmarkConfig(RunConfig):
+    """Args:
+    target: ``drift``.
+    tasks / fractions / methods: what to run (see the module docstring); fractions are ``drift_frac`` values.
+    n_users: scored users per task and fraction (each with ``n_test`` test queries).
+    n_records: profile records per user; stage1_users: the other users Stage 1 trains on (no drift).
+    per_user: Stage-2 targets per user (the most recent profile records).
+    results_dir: where drift.json/.md/.png go. resume / rerun: as ``tapper benchmark ml100k``.
+    rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
+    """
+
+    target: str = "drift"
+    tasks: list[str] = field(default_factory=lambda: list(DRIFT_TASKS))
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    methods: list[str] = field(default_factory=lambda: list(DRIFT_METHODS))
+    n_users: int = 100
+    n_records: int = 20
+    n_test: int = 1
+    stage1_users: int = 40
+    per_user: int = 5
+    results_dir: str = "benchmarks/results"
+    resume: bool = True
+    rerun: list[str] = field(default_factory=list)
+    rag_max_prompt_tokens: int = 192
+
+
+def check_drift_config(cfg) -> None:
+    """Names and sizes, before any work."""
+    bad = ([f"task {t!r}" for t in cfg.tasks if t not in DRIFT_TASKS]
+           + [f"method {m!r}" for m in [*cfg.methods, *cfg.rerun] if m not in DRIFT_METHODS + OPTIONAL_METHODS]
+           + [f"fraction {f}" for f in cfg.fractions if not 0.0 <= f <= 1.0])
+    if bad:
+        raise InputError(f"tapper benchmark drift: unknown or invalid {', '.join(bad)}; tasks: {list(DRIFT_TASKS)}, "
+                         f"methods: {DRIFT_METHODS + OPTIONAL_METHODS}, fractions in [0, 1]")
+    if min(cfg.n_users, cfg.n_records - 1, cfg.n_test, cfg.stage1_users, cfg.per_user) < 1:
+        raise InputError("n_users, n_test, stage1_users, per_user must be >= 1 and n_records >= 2")
+
+
+def estimate_seconds(cfg: DriftBenchmarkConfig) -> dict[str, float]:
+    """SmolLM2 wall time of ``cfg`` on the 2-core CPU, per task, from :data:`COST_S` and :data:`TOKENS`
+    (prefix layer 28; scoring runs every layer). An estimate: batching and thread contention move it."""
+    out = {}
+    n_q = cfg.n_users * cfg.n_test
+    n_tapper = sum(m.startswith("tapper") for m in cfg.methods)
+    for t in cfg.tasks:
+        prompt, answer, rag, label_extra = TOKENS[t]
+        seq = (prompt + answer) / 40
+        s = cfg.trainer.stage1_examples * cfg.trainer.stage1.epochs * COST_S["train_full"] * seq  # Stage 1, once
+        n2 = cfg.n_users * cfg.per_user
+        per_frac = n2 * COST_S["forward"] * seq if n_tapper else 0.0  # trunk prefill, shared by the variants
+        per_frac += n_tapper * n2 * cfg.trainer.stage2.epochs * COST_S["train_late"] * seq
+        for m in cfg.methods:
+            p = min(rag, cfg.rag_max_prompt_tokens) if m in RAG_METHODS else prompt
+            q = COST_S["forward"] * (p + label_extra) / 40  # one forward (rating; label-set scoring)
+            if t == "headline":
+                q += answer * COST_S["decode_step"]
+            dev = 2 if t == "rating" and not m.startswith("rag") else 1  # rating also scores dev queries
+            per_frac += dev * n_q * q
+        out[t] = s + len(cfg.fractions) * per_frac
+    return out
+
+
+def _settings(cfg: DriftBenchmarkConfig) -> dict:
+    """What every row depends on: data sizes, backbone, Stage 1, prompts, readouts."""
+    m, t = cfg.model, cfg.trainer
+    return {"n_users": cfg.n_users, "n_records": cfg.n_records, "n_test": cfg.n_test,
+            "stage1_users": cfg.stage1_users, "seed": t.seed, "backbone": m.backbone.name_or_path,
+            "stage1_examples": t.stage1_examples, "stage1": asdict(t.stage1), "task_lora": asdict(m.task_lora),
+            "max_prompt_tokens": m.max_prompt_tokens, "max_record_tokens": m.max_record_tokens,
+            "class_readout": t.class_readout, "eval_max_new_tokens": t.eval_max_new_tokens}
+
+
+def row_settings(cfg: RunConfig, name: str) -> dict:
+    """A row's own settings (``benchmark.method_settings``): a row is reused only when they match."""
+    if name in DRIFT_ABLATIONS:
+        return {**method_settings(cfg, "tapper"), "overrides": DRIFT_ABLATIONS[name]}
+    return method_settings(cfg, name)
+
+
+def variant(cfg: DriftBenchmarkConfig, name: str) -> DriftBenchmarkConfig:
+    """``cfg`` with TAP-PER variant ``name``'s overrides (``benchmark.ABLATIONS`` or :data:`DRIFT_ABLATIONS`)."""
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), {**ABLATIONS, **DRIFT_ABLATIONS}[name])
+    return OmegaConf.to_object(merged)
+
+
+def task_config(cfg: DriftBenchmarkConfig, task: str) -> DriftBenchmarkConfig:
+    """The config of one task: its layout's task name, Stage-2 targets per user."""
+    tcfg = copy.deepcopy(cfg)
+    tcfg.task.name = DRIFT_TASKS[task][1]
+    tcfg.trainer.stage2_per_user = cfg.per_user
+    return tcfg
+
+
+def drift_splits(cfg: DriftBenchmarkConfig, task: str, frac: float):
+    """(train, test) questions of ``n_users`` users whose last ``frac`` of the profile drifted."""
+    build = DRIFT_TASKS[task][0]
+    return build(n_users=cfg.n_users, n_records=cfg.n_records, n_test=cfg.n_test, seed=cfg.trainer.seed,
+                 drift=True, drift_frac=frac)
+
+
+def stage1_train(cfg: DriftBenchmarkConfig, task: str) -> list:
+    """Stage 1's questions: ``stage1_users`` other users (ids ``s1_syn*``), another seed, no drift."""
+    train, _ = DRIFT_TASKS[task][0](n_users=cfg.stage1_users, n_records=cfg.n_records, n_test=cfg.n_test,
+                                    seed=cfg.trainer.seed + 1000)
+    return [replace(ex, user_id=f"s1_{ex.user_id}") for ex in train]
+
+
+def row_key(task: str, frac: float, method: str) -> str:
+    return f"{task}|{frac:g}|{method}"
+
+
+def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark drift") -> dict:
+    """Run every missing (task, fraction, method) row; returns the results dict written to drift.json."""
+    from recsys_tapper.drift_report import write_drift_report
+
+    check_drift_config(cfg)
+    if cfg.trainer.threads:
+        import torch
+
+        torch.set_num_threads(cfg.trainer.threads)
+    out_dir = Path(cfg.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "drift.json"
+    settings, meta = _settings(cfg), run_meta(command)
+    est = estimate_seconds(cfg)
+    print(f"[drift] estimated SmolLM2 wall time on 2 CPU cores: {sum(est.values()) / 60:.0f} min ("
+          + ", ".join(f"{t} {s / 60:.1f}" for t, s in est.items()) + " min; rows already in the table are skipped)",
+          flush=True)
+    result: dict = {"rows": {}, "stage1": {}}
+    if cfg.resume and json_path.exists():
+        old = json.loads(json_path.read_text())
+        if old.get("settings") != settings:
+            raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
+                             "pass results_dir=<another folder> for a new table, or resume=false to replace it")
+        result = old
+    keys = ("command", "git_sha", "date")
+    result.update(meta, settings=settings, runs=[*result.get("runs", []), {k: meta[k] for k in keys}],
+                  estimate_s=est, tasks=cfg.tasks, fractions=cfg.fractions, methods=cfg.methods)
+
+    def save() -> None:
+        atomic_write_text(json_path, json.dumps(result, indent=2))
+        write_drift_report(result, out_dir)
+
+    for task in cfg.tasks:
+        tcfg = task_config(cfg, task)
+        todo = [(f, m) for f in cfg.fractions for m in cfg.methods
+                if m in cfg.rerun or result["rows"].get(row_key(task, f, m), {}).get("settings")
+                != row_settings(tcfg, m)]
+        if todo:
+            _run_task(tcfg, task, todo, result, out_dir, meta, save)
+    save()
+    return result
+
+
+def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
+    """(lm with the task's Stage-1 LoRA merged, tokenizer, the LoRA file): trained once, then loaded."""
+    lm, tok = load_backbone(tcfg.model.backbone)
+    cache = out_dir / f"drift_{task}_stage1_lora.safetensors"  # git-ignored, like every results safetensors
+    if cache.exists() and task in result["stage1"]:
+        lm = add_lora(lm, tcfg.model.task_lora)
+        set_peft_model_state_dict(lm, load_file(cache))
+        return merge_lora(lm), tok, cache
+    train = stage1_train(tcfg, task)
+    fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens), get_task(tcfg.task.name),
+                        RecordBank(lm.config.hidden_size), UserIndex([]), tcfg.model.max_prompt_tokens)
+    lm, state, s1, seconds, losses, _ = train_stage1(tcfg, lm, fb, train, set())
+    save_file(state, cache)
+    result["stage1"][task] = {"seconds": seconds, "n_examples": len(s1), "final_loss": losses[-1] if losses else None}
+    return lm, tok, cache
+
+
+def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: dict, save) -> None:
+    lm, tok, cache = _stage1(tcfg, task, result, out_dir)
+    save()
+    spec = get_task(tcfg.task.name)
+    trunk = build_trunk(tcfg.model, lm, {"stage1": file_digest(cache)})  # one per task: rows repeat across f
+    ex = LocalExecutor()
+    base = TapperModel(lm, None, None)
+    for frac in dict.fromkeys(f for f, _ in todo):
+        train, test = drift_splits(tcfg, task, frac)
+        _, test, trainees, train_chosen = personal_splits(train, test, None, spec)
+        users = UserIndex(trainees)
+        fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens), spec,
+                            RecordBank(lm.config.hidden_size), users, tcfg.model.max_prompt_tokens,
+                            tcfg.model.max_history, label_weight=tcfg.model.record_label_weight)
+        fb.register(train_chosen + test)
+        test_samples = fb.question_samples(test)
+        dev = fb.question_samples(train_chosen) if spec.kind == RATING else []  # never Stage-2 targets
+        for name in [m for f, m in todo if f == frac]:
+            t0 = time.perf_counter()
+            extra: dict = {}
+            if name == "non_personalized":
+                rep, _, eval_s = score(ex, base, fb, test_samples, spec, tcfg, name, dev)
+                train_s = 0.0
+            elif name in RAG_METHODS:
+                method, k = RAG_METHODS[name]
+                fb_rag = FeatureBuilder(tok, fb.encoder, spec, fb.bank, users, tcfg.rag_max_prompt_tokens)
+                rep, _, eval_s = score(ex, base, fb_rag, rag_samples(fb_rag, test, k=k, method=method), spec,
+                                       tcfg, name)
+                train_s = 0.0
+            else:
+                vcfg = variant(tcfg, name)
+                resume = out_dir / f"drift_{task}_{frac:g}_{name}_stage2_resume.safetensors"
+                model, s2, losses, train_s, _ = train_stage2(vcfg, lm, fb, users, train_chosen, trunk, resume=resume)
+                prefill_trunk(trunk, fb, test_samples + dev, with_labels=False, desc="trunk cache, queries")
+                rep, _, eval_s = score(ex, model, fb, test_samples, spec, vcfg, name, dev)
+                extra = {**lambda_report(model), "n_stage2_examples": len(s2),
+                         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+                model.lm.unload()
+            result["rows"][row_key(task, frac, name)] = {
+                "task": task, "layout": spec.name, "drift_frac": frac, "method": name,
+                "metric": DRIFT_TASKS[task][2], "higher_is_better": DRIFT_TASKS[task][3],
+                "drift_at": drift_point(tcfg.n_records, tcfg.n_test, True, frac), **rep, **extra,
+                "n_users": len(users), "n_queries": len(test_samples), "train_s": train_s, "eval_s": eval_s,
+                "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name),
+                "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"]}
+            save()
+            metric = DRIFT_TASKS[task][2]
+            print(f"[drift] {task} f={frac:g} {name}: {metric} {rep.get(metric, float('nan')):.3f}", flush=True)
+
+
+def drift_config(overrides: list[str] | None = None) -> DriftBenchmarkConfig:
+    """The config ``tapper benchmark drift <overrides>`` runs with (configs/benchmark_drift.yaml, composed)."""
+    from hydra import compose, initialize_config_dir
+
+    from recsys_tapper.runner import CONFIG_DIR
+
+    register_drift()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("benchmark_drift", overrides=list(overrides or [])))
+
+
+def register_drift() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from recsys_tapper.config import register
+
+    register()
+    ConfigStore.instance().store(name="drift_benchmark_schema", node=DriftBenchmarkConfig)

@@ -1,0 +1,112 @@
+"""``tapper benchmark drift`` end to end on the tiny model: rows, report files, resume."""
+
+import json
+import re
+
+import pytest
+
+from recsys_tapper import drift_benchmark
+from recsys_tapper.drift_benchmark import drift_config, estimate_seconds, row_key
+
+SMALL = ["model=tiny", "trainer=smoke", "n_users=3", "n_records=6", "n_test=1", "stage1_users=2", "per_user=2",
+         "trainer.stage1_examples=4", "trainer.stage1.batch_size=4", "trainer.stage2.batch_size=4",
+         "trainer.eval_max_new_tokens=4"]
+
+
+def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monkeypatch):
+    cfg = drift_config([*SMALL, "tasks=[tagging,headline]", "fractions=[0.5,0.2]",
+                        "methods=[non_personalized,tapper]", f"results_dir={tmp_path}"])
+    assert cfg.model.lambda_init == "data" and cfg.trainer.lr_lambda == 0.05 and cfg.trainer.class_readout == "label_set"
+    result = drift_benchmark.benchmark_drift(cfg, command="test")
+    expected = {row_key(t, f, m) for t in ("tagging", "headline") for f in (0.5, 0.2)
+                for m in ("non_personalized", "tapper")}
+    on_disk = json.loads((tmp_path / "drift.json").read_text())
+    assert set(on_disk["rows"]) == expected == set(result["rows"])
+    for row in on_disk["rows"].values():
+        assert row["n_users"] == 3 and row["n_queries"] == 3
+        assert row["drift_at"] == {0.5: 3, 0.2: 5}[row["drift_frac"]]  # 6 records: the last 3, the last 1
+        if row["task"] == "tagging":
+            assert row["metric"] == "accuracy" and row["out_of_label_set_frac"] == 0.0 and row["readout"] == "label_set"
+            assert 0.0 <= row["accuracy"] <= 1.0
+        else:
+            assert row["metric"] == "rougeL" and {"rouge1", "rougeL"} <= set(row)
+        if row["method"] == "tapper":
+            assert row["time_bias"] and row["order_bias"] and row["n_stage2_examples"] == 6
+            assert row["lambda_t"] != row["lambda_t_start"] and row["lambda_o"] != row["lambda_o_start"]
+        else:
+            assert "lambda_t" not in row
+    assert set(on_disk["stage1"]) == {"tagging", "headline"} and on_disk["settings"]["n_users"] == 3
+    md = (tmp_path / "drift.md").read_text()
+    assert md.count("| method | f = 0.2 | f = 0.5 |") == 2
+    cells = re.compile(r"^\| tapper \| [0-9.]+ \([0-9.]+\) \| [0-9.]+ \([0-9.]+\) \|$", re.MULTILINE)  # metric (2nd)
+    assert len(cells.findall(md)) == 2 and md.count("| tapper | 0.2 | ") == 2  # + one lambda row per task and f
+    assert "## tagging (SYNTHETIC LaMP-2M): accuracy" in md and "## headline (SYNTHETIC LaMP-4): ROUGE-L" in md
+    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "drift_tagging_stage1_lora.safetensors").exists()
+
+    # resume: every row is reused (nothing trains or scores), one more run is listed
+    def boom(*a, **k):
+        raise AssertionError("a reused row was recomputed")
+
+    for name in ("train_stage1", "train_stage2", "score"):
+        monkeypatch.setattr(drift_benchmark, name, boom)
+    again = drift_benchmark.benchmark_drift(cfg, command="test again")
+    assert again["rows"] == on_disk["rows"] and [r["command"] for r in again["runs"]] == ["test", "test again"]
+
+
+def test_a_changed_stage2_setting_reruns_only_the_tapper_rows(tmp_path, monkeypatch):
+    cfg = drift_config([*SMALL, "tasks=[rating]", "fractions=[0.5]", "methods=[rag_recency_k4,tapper_no_time]",
+                        f"results_dir={tmp_path}"])
+    first = drift_benchmark.benchmark_drift(cfg, command="first")
+    rows = first["rows"]
+    assert set(rows) == {"rating|0.5|rag_recency_k4", "rating|0.5|tapper_no_time"}
+    assert rows["rating|0.5|tapper_no_time"]["time_bias"] is False and "mae" in rows["rating|0.5|rag_recency_k4"]
+    calls = []
+    real = drift_benchmark.train_stage2
+    monkeypatch.setattr(drift_benchmark, "train_stage2", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg.trainer.lr_dense = 1e-2
+    second = drift_benchmark.benchmark_drift(cfg, command="second")
+    assert calls == [1]  # Stage 1 came from its cache, RAG's row was kept
+    assert second["rows"]["rating|0.5|rag_recency_k4"] == rows["rating|0.5|rag_recency_k4"]
+    assert second["rows"]["rating|0.5|tapper_no_time"]["settings"]["lr_dense"] == 1e-2
+
+
+def test_estimate_adds_up_the_measured_costs():
+    cfg = drift_config(["tasks=[rating]", "fractions=[0.5]", "methods=[non_personalized]", "n_users=10",
+                        "n_test=1", "trainer.stage1_examples=40"])
+    # Stage 1: 40 x 0.24 s x 25/40 tokens; scoring 10 test + 10 dev queries at 0.06 s x 24/40
+    assert estimate_seconds(cfg) == {"rating": pytest.approx(40 * 0.24 * 25 / 40 + 20 * 0.06 * 24 / 40)}
+
+
+def test_unknown_names_fail_before_any_work(tmp_path):
+    from recsys_tapper.errors import InputError
+
+    cfg = drift_config([f"results_dir={tmp_path}", "methods=[tapperr]"])
+    with pytest.raises(InputError, match="method 'tapperr'"):
+        drift_benchmark.benchmark_drift(cfg)
+    assert not (tmp_path / "drift.json").exists()
+
+
+def test_cli_dispatches_drift_to_its_own_config(capsys):
+    from recsys_tapper.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["benchmark", "drift", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: tapper benchmark drift" in out and "configs/benchmark_drift.yaml" in out
+    assert "fractions:" in out and "lambda_init: data" in out and "lr_lambda: 0.05" in out
+
+
+def test_optional_ablations_undo_one_drift_default_each():
+    from recsys_tapper.drift_benchmark import row_settings, variant
+
+    cfg = drift_config([])
+    assert cfg.model.record_label_weight == 1.0 and cfg.model.lambda_init == "data"
+    assert variant(cfg, "tapper_no_label_weight").model.record_label_weight == 0.0
+    assert variant(cfg, "tapper_random_lambda").model.lambda_init is None
+    assert variant(cfg, "tapper_no_time").model.pooling.time_bias is False
+    assert variant(cfg, "tapper").model.lambda_init == "data"
+    base = row_settings(cfg, "tapper")
+    assert base["lambda_init"] == "data" and base["record_label_weight"] == 1.0 and base["lr_lambda"] == 0.05
+    assert row_settings(cfg, "tapper_random_lambda") == {**base, "overrides": {"model": {"lambda_init": None}}}
