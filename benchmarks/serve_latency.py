@@ -107,7 +107,7 @@ def write_model_dir(cfg: RunConfig, questions: Sequence[LampExample], out: str |
     lm = merge_lora(lm)
     plm = add_lora(lm, m.bridge_lora, first_layer=m.prefix_layer)
     items = item_index(fb.stage2_samples(list(questions))) if m.item_dim is not None else None
-    model = build_tapper(m, plm, len(users), len(items or ()))
+    model = build_tapper(m, plm, len(users), len(items or ()), bank=fb.bank)
     model.item_index = items
     return save_model(out, model, task_lora, users, fb.bank, cfg, histories=list(questions))
 
