@@ -25,7 +25,7 @@ from embeddings.replicas import average_grads
 from recsys_tapper.dist_checkpointer import Checkpointer
 from recsys_tapper.dist_context import Ctx, DeviceFeatures, global_batches, rank_slice
 from recsys_tapper.features import Sample
-from recsys_tapper.model import TapperModel, TapperTrain
+from recsys_tapper.model import TapperModel, train_module
 from recsys_tapper.training import OptimConfig, linear_schedule
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def dist_train_loop(
         raise ValueError(f"{desc}: {len(samples)} samples give no batch for {ctx.world} ranks")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(len(batches), cfg.warmup))
     start, losses = ckpt.restore(opt, sched, table_opt) if ckpt else (0, [])
-    train_model = TapperTrain(model)  # owns the loss
+    train_model = train_module(model)
     model.train()
     for step in range(start, len(batches)):
         lo, hi = batches[step]

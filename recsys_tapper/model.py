@@ -210,6 +210,12 @@ class TapperModel(nn.Module):
         return torch.softmax(logits[torch.arange(len(pos)), pos][:, label_ids].float(), dim=-1)
 
 
+def train_module(model: nn.Module) -> nn.Module:
+    """What a training loop steps: a TapperModel inside its ``TapperTrain`` (which owns the loss); any other
+    module is taken as a train module already (``batch -> (loss, aux)``, TorchRec's convention)."""
+    return TapperTrain(model) if isinstance(model, TapperModel) else model
+
+
 class TapperTrain(nn.Module):
     """The training wrapper that owns the loss, as TorchRec's ``DLRMTrain`` wraps ``DLRM``: token-mean
     cross-entropy over the batch's answer tokens.

@@ -85,16 +85,13 @@ class Server:
             raise ValueError(f"cold_start {cold_start!r} is not one of {', '.join(COLD_START_MODES)}")
         self.model_dir = Path(model_dir)
         self.model, self.tok, self.users, self.bank, self.cfg = load_model(self.model_dir, allow_fingerprint_mismatch)
-        if self.cfg.model.record_label_weight:  # live records are encoded here, without the label term
-            raise NotImplementedError("serving a model trained with model.record_label_weight != 0 is not "
-                                      "supported yet")
         self.task = get_task(self.cfg.task.name)
         if not self.task.labels:
             raise NotImplementedError(f"serving scores label tasks; {self.task.name} is {self.task.kind}")
         self.encoder = TextEncoder(self.model.lm, self.tok, self.cfg.model.max_record_tokens)
         self.fb = FeatureBuilder(self.tok, self.encoder, self.task, self.bank, self.users,
                                  self.cfg.model.max_prompt_tokens, self.cfg.model.max_history,
-                                 items=self.model.item_index)
+                                 items=self.model.item_index, label_weight=self.cfg.model.record_label_weight)
         self.histories = read_histories(self.model_dir / "histories.parquet")
         self.cold_start = cold_start
         self.cold_row = cold_start_rows(self.model.tower.table.weight, cold_start)  # (D,)
@@ -132,37 +129,37 @@ class Server:
             recs = recs[-self.cfg.model.max_history :] if self.cfg.model.max_history > 0 else []
         return recs
 
-    def _history(self, user: str, recs: list[ProfileRecord], texts: list[str]) -> tuple[list[int], list[float | None]]:
-        """Bank rows for the records; a record the bank lacks gets row ``len(bank) + len(texts)`` and its text
-        is appended to ``texts`` (shared by every query of one batch; encoded once by the caller)."""
+    def _history(self, user: str, recs: list[ProfileRecord], new: list[dict]) -> tuple[list[int], list[float | None]]:
+        """Bank rows for the records; a record the bank lacks gets row ``len(bank) + len(new)`` and its fields
+        are appended to ``new`` (shared by every query of one batch; encoded once by the caller)."""
         rows = []
         n = len(self.bank)
         for r in recs:
             row = self.bank.index.get(record_key(user, r.id))
             if row is None:
-                row = n + len(texts)
-                texts.append(self.task.record_text(r.fields))
+                row = n + len(new)
+                new.append(r.fields)
             rows.append(row)
         return rows, [r.date for r in recs]
 
-    def sample(self, query: Query, texts: list[str]) -> Sample:
-        """Check one query and build its Sample (unknown history records' texts go to ``texts``)."""
+    def sample(self, query: Query, new: list[dict]) -> Sample:
+        """Check one query and build its Sample (unknown history records' fields go to ``new``)."""
         if not isinstance(query.user_id, str) or not query.user_id.strip():
             raise ValueError(f"user_id must be a non-empty string, got {query.user_id!r}")
         if not isinstance(query.question, str) or not query.question.strip():
             raise ValueError("question_input is empty")
         query_day = _day(query.date, "date")
-        rows, days = self._history(query.user_id, self.records(query.user_id, query.history_records), texts)
+        rows, days = self._history(query.user_id, self.records(query.user_id, query.history_records), new)
         return Sample("predict", query.user_id, rows, days, query_day, query.question, None, query.item_id)
 
     def batch(self, queries: Sequence[Query]) -> Batch:
         """One collated batch for several queries. History records the bank lacks are encoded once for the
         whole batch and travel in ``batch.extra_records`` (new, d); the bank is not changed."""
-        texts: list[str] = []
-        samples = [self.sample(q, texts) for q in queries]
+        new: list[dict] = []
+        samples = [self.sample(q, new) for q in queries]
         batch = self.fb.collate(samples, with_labels=False)
-        if texts:
-            batch.extra_records = self.encoder.encode(texts)  # (new, d)
+        if new:
+            batch.extra_records = self.fb.record_vectors(new)  # (new, d), encoded as the bank's records were
         return batch
 
     @torch.no_grad()
@@ -209,7 +206,7 @@ class Server:
 
     def encode_records(self, user_records: Sequence[tuple[str, ProfileRecord]]) -> torch.Tensor:
         """The bank vectors of (user, record) pairs -> (n, d); nothing is stored (see ``add_records``)."""
-        return self.encoder.encode([self.task.record_text(r.fields) for _, r in user_records])
+        return self.fb.record_vectors([r.fields for _, r in user_records])
 
     def add_records(self, user_records: Sequence[tuple[str, ProfileRecord]], vectors: torch.Tensor | None = None
                     ) -> None:

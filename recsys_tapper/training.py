@@ -1,11 +1,12 @@
 """Training loops for Stage 1 (task LoRA, no history) and Stage 2 (personalization).
 
 Both use AdamW with a linear warm-up/decay schedule and gradient-norm clipping, as in the paper. The loss is
-causal-LM cross-entropy on the answer tokens only (the batch's labels are -100 elsewhere).
+causal-LM cross-entropy on the answer tokens only (the batch's labels are -100 elsewhere), owned by the train
+wrapper ``model.TapperTrain`` that the loop steps.
 
 Example::
 
-    losses = train_loop(model, samples, fb, bank, param_groups, OptimConfig(lr=1e-4), desc="stage 2")
+    losses = train_loop(model, samples, fb, param_groups, OptimConfig(lr=1e-4), desc="stage 2")
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from recsys_tapper.features import FeatureBuilder, Sample
 from recsys_tapper.io import atomic_write_bytes
-from recsys_tapper.model import TapperModel, TapperTrain
+from recsys_tapper.model import TapperModel, train_module
 
 
 @dataclass
@@ -57,7 +58,7 @@ def linear_schedule(total: int, warmup_frac: float) -> Callable[[int], float]:
 
 
 def train_loop(
-    model: TapperModel,
+    model: TapperModel | torch.nn.Module,
     samples: Sequence[Sample],
     fb: FeatureBuilder,
     param_groups: list[dict],
@@ -84,7 +85,7 @@ def train_loop(
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, cfg.warmup))
-    train_model = TapperTrain(model)  # owns the loss
+    train_model = train_module(model)
     model.train()
     losses: list[float] = []
     saved = params + ([p for g in table_opt.param_groups for p in g["params"]] if table_opt is not None else [])

@@ -130,9 +130,6 @@ def update_model(
     model_dir = Path(model_dir)
     t = {"start": time.perf_counter()}
     model, tok, users, bank, cfg = load_model(model_dir)
-    if cfg.model.record_label_weight:  # new records are encoded here, without the label term
-        raise NotImplementedError("tapper update of a model trained with model.record_label_weight != 0 is not "
-                                  "supported yet")
     task = get_task(cfg.task.name)
     t["load"] = time.perf_counter()
     good, report = validate_events(events, task, set(bank.index), strict=strict, now=now)
@@ -150,8 +147,10 @@ def update_model(
 
     # Record bank and histories.
     encoder = TextEncoder(model.lm, tok, cfg.model.max_record_tokens)
+    fb = FeatureBuilder(tok, encoder, task, bank, users, cfg.model.max_prompt_tokens, cfg.model.max_history,
+                        label_weight=cfg.model.record_label_weight)
     keys = [record_key(e.user_id, e.record_id) for e in good]
-    bank.add(keys, encoder.encode([task.record_text(e.fields) for e in good]))
+    bank.add(keys, fb.record_vectors([e.fields for e in good]))  # encoded as the training job's records were
     histories = read_histories(model_dir / "histories.parquet")
     by_user: dict[str, list[ProfileRecord]] = {}
     for e in good:
@@ -161,7 +160,6 @@ def update_model(
     t["encode"] = time.perf_counter()
 
     # Targets: each new event, with the user's records before it as visible history.
-    fb = FeatureBuilder(tok, encoder, task, bank, users, cfg.model.max_prompt_tokens, cfg.model.max_history)
     new_keys = set(keys)
     samples: list[Sample] = []
     for u in affected:

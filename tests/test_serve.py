@@ -107,3 +107,30 @@ def test_bad_inputs_give_clear_errors(server):
         assert str(e.value) == msg
     with pytest.raises(ValueError, match="cold_start 'warm' is not one of zero, mean"):
         Server(server.model_dir, cold_start="warm")
+
+
+def test_a_label_weighted_model_serves_new_records_as_the_job_encoded_its_own(tmp_path):
+    """model.record_label_weight = 1: records the bank lacks are encoded by the same FeatureBuilder rule as the
+    training job's (text + label embedding), so a user's saved history passed as new records (other ids, so
+    the bank lacks them) gives the same answer as the saved history read from the bank."""
+    from recsys_tapper.job import run
+    from recsys_tapper.synthetic import synthetic_rating_task
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.record_label_weight = 1.0
+    splits = synthetic_rating_task(n_users=4, n_records=8, seed=2)
+    run(cfg, splits=splits)
+    s = Server(tmp_path / "run" / "model")
+    ex = next(e for e in splits[1] if s.users.row(e.user_id) is not None)
+    saved = s.predict(ex.user_id, ex.input, date=ex.date)
+    recs = [{"id": f"new-{r.id}", **r.fields, "date": r.date} for r in s.records(ex.user_id)]
+    fresh = s.predict(ex.user_id, ex.input, history_records=recs, date=ex.date)
+    assert fresh["n_history"] == saved["n_history"] == len(recs) > 0
+    for lab in saved["probs"]:
+        assert math.isclose(fresh["probs"][lab], saved["probs"][lab], rel_tol=1e-5, abs_tol=1e-6)
+    r0 = s.records(ex.user_id)[0]
+    text = s.encoder.encode([s.task.record_text(r0.fields)])
+    label = s.encoder.encode([r0.fields[s.task.output_field]])
+    torch.testing.assert_close(s.encode_records([(ex.user_id, r0)]), text + label)
+    torch.testing.assert_close(s.bank.vectors[s.bank.index[f"{ex.user_id}/{r0.id}"]][None], text + label)
