@@ -51,8 +51,8 @@ from recsys_tapper.errors import InputError
 from recsys_tapper.executors import LocalExecutor
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
-from recsys_tapper.job import lambda_report, score, train_stage1, train_stage2
-from recsys_tapper.model import TapperModel
+from recsys_tapper.job import score, train_stage1, train_stage2
+from recsys_tapper.model import TapperModel, lambda_report
 from recsys_tapper.pipeline import personal_splits, prefill_trunk
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.synthetic import (

@@ -39,6 +39,7 @@ from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
+from recsys_tapper.model import lambda_report
 from recsys_tapper.pipeline import data_report, format_table, prefill_trunk, rating_references, select_users
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import RATING, get_task
@@ -161,7 +162,7 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
     if has_golds:
         readouts = (saved.model.readout, saved.model.rmse_readout)  # as the training run chose on dev questions
         methods["tapper"] = {**task_report(task, rows, readouts), "params_per_user": model.tower.table.cfg.dim,
-                             "train_s": 0.0, "eval_s": eval_s, "wall_s": eval_s}
+                             "train_s": 0.0, "eval_s": eval_s, "wall_s": eval_s, **lambda_report(model)}
     result = {
         "task": task.name,
         "model_dir": str(cfg.model_dir),

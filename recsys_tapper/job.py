@@ -46,7 +46,7 @@ from recsys_tapper.executors import Executor, LocalExecutor
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.label_scoring import class_report, classify_rows
-from recsys_tapper.model import TapperModel
+from recsys_tapper.model import TapperModel, lambda_report
 from recsys_tapper.pipeline import (
     data_report,
     frozen_digest,
@@ -156,15 +156,6 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     losses, _ = ex.train(model, s2, ex.features(fb), groups, t.stage2, desc="stage 2 (personalization)",
                          table_opt=table_opt, resume=resume, resume_tag=tag)
     return model, s2, losses, time.perf_counter() - t0, groups
-
-
-def lambda_report(model: TapperModel) -> dict:
-    """lambda_t, lambda_o after Stage 2, where Stage 2 started them (``*_start``) and whether each bias is on."""
-    pool = model.tower.pooling
-    start = getattr(model, "lambda_start", {})
-    return {"lambda_t": pool.lambda_t.detach().item(), "lambda_o": pool.lambda_o.detach().item(),
-            **{f"{k}_start": v for k, v in start.items()},
-            "time_bias": pool.cfg.time_bias, "order_bias": pool.cfg.order_bias}
 
 
 def score(ex: Executor, model: TapperModel, fb: FeatureBuilder, samples, task, cfg: RunConfig, desc: str,

@@ -210,6 +210,15 @@ class TapperModel(nn.Module):
         return torch.softmax(logits[torch.arange(len(pos)), pos][:, label_ids].float(), dim=-1)
 
 
+def lambda_report(model: TapperModel) -> dict:
+    """lambda_t, lambda_o after Stage 2, where Stage 2 started them (``*_start``) and whether each bias is on."""
+    pool = model.tower.pooling
+    start = getattr(model, "lambda_start", {})
+    return {"lambda_t": pool.lambda_t.detach().item(), "lambda_o": pool.lambda_o.detach().item(),
+            **{f"{k}_start": v for k, v in start.items()},
+            "time_bias": pool.cfg.time_bias, "order_bias": pool.cfg.order_bias}
+
+
 def train_module(model: nn.Module) -> nn.Module:
     """What a training loop steps: a TapperModel inside its ``TapperTrain`` (which owns the loss); any other
     module is taken as a train module already (``batch -> (loss, aux)``, TorchRec's convention)."""
