@@ -114,7 +114,7 @@ def check_drift_config(cfg) -> None:
            + [f"method {m!r}" for m in [*cfg.methods, *cfg.rerun] if m not in DRIFT_METHODS + OPTIONAL_METHODS]
            + [f"fraction {f}" for f in cfg.fractions if not 0.0 <= f <= 1.0])
     if bad:
-        raise InputError(f"tapper benchmark drift: unknown or invalid {', '.join(bad)}; tasks: {list(DRIFT_TASKS)}, "
+        raise InputError(f"unknown or invalid {', '.join(bad)}; tasks: {list(DRIFT_TASKS)}, "
                          f"methods: {DRIFT_METHODS + OPTIONAL_METHODS}, fractions in [0, 1]")
     if min(cfg.n_users, cfg.n_records - 1, cfg.n_test, cfg.stage1_users, cfg.per_user) < 1:
         raise InputError("n_users, n_test, stage1_users, per_user must be >= 1 and n_records >= 2")
