@@ -40,20 +40,20 @@ class UserTower(nn.Module):
                 tuple(p._version for p in self.pooling.scorer.parameters()))
 
     def bank_vectors(self, device: torch.device | None = None) -> torch.Tensor:
-        """The bank's record vectors on ``device`` -> (R, d) (moved once per bank version)."""
-        if self.bank is None:
-            raise ValueError("the user tower has no record bank (UserTower(..., bank) or tower.bank = bank)")
-        return self._cache(device or self.bank.vectors.device)[1]
+        """The bank's record vectors on ``device`` (default: where the bank is) -> (R, d), moved once per bank
+        version."""
+        return self._cache(device)[1]
 
     def record_terms(self, device: torch.device | None = None) -> torch.Tensor:
         """``scorer.record_term(bank)`` -> (R, d), cached until the bank grows or the scorer's weights change
         (inference only: training computes the terms of the records it reads, with gradients)."""
-        return self._cache(device or self.bank.vectors.device)[2]
+        return self._cache(device)[2]
 
     @torch.no_grad()
-    def _cache(self, device: torch.device) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    def _cache(self, device: torch.device | None) -> tuple[tuple, torch.Tensor, torch.Tensor]:
         if self.bank is None:
             raise ValueError("the user tower has no record bank (UserTower(..., bank) or tower.bank = bank)")
+        device = device or self.bank.vectors.device
         key = self._bank_key(device)
         if self._terms is None or self._terms[0] != key:
             vectors = self.bank.vectors.to(device)
