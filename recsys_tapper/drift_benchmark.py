@@ -17,7 +17,8 @@ every fraction and method of the task (cached beside the results). TAP-PER rows 
 where Stage 2 started them. The defaults (configs/benchmark_drift.yaml) start the lambdas at the data's recency
 prior (``model.lambda_init=data``), train them at their own rate (``trainer.lr_lambda``) and add each record's
 label embedding to its vector (``model.record_label_weight=1``); ``tapper_random_lambda`` and
-``tapper_no_label_weight`` (optional methods) undo one each.
+``tapper_no_label_weight`` (optional methods) undo one each; ``tapper_pq_only`` (optional) drops the static
+``P_u`` row. Stage 2 trains on every profile record after the first (``per_user=null``) for 3 epochs.
 
 Results go to ``results_dir/drift.json`` after every row (a killed run resumes; a row is reused only when every
 setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``::
@@ -71,7 +72,9 @@ DRIFT_TASKS = {"tagging": (synthetic_tagging_task, "LaMP-2M", "accuracy", True),
 DRIFT_METHODS = ["non_personalized", "rag_recency_k4", "tapper_no_time", "tapper"]
 # ablations of the drift defaults: the paper's record vectors; lambdas started at N(0, 0.02), not the data's prior
 DRIFT_ABLATIONS = {"tapper_no_label_weight": {"model": {"record_label_weight": 0.0}},
-                   "tapper_random_lambda": {"model": {"lambda_init": None}}}
+                   "tapper_random_lambda": {"model": {"lambda_init": None}},
+                   # P_q alone: no static P_u row (a row trained on the whole profile also holds the old rule)
+                   "tapper_pq_only": ABLATIONS["tapper_pq_only"]}
 OPTIONAL_METHODS = list(DRIFT_ABLATIONS)
 # SmolLM2-135M on this project's 2-core CPU (README, perf.json), per 40-token example: forward + backward through
 # all layers (Stage 1), Stage 2 at prefix layer 28 on the cached trunk, one forward; one greedy step (assumed).
@@ -88,7 +91,8 @@ class DriftBenchmarkConfig(RunConfig):
     tasks / fractions / methods: what to run (see the module docstring); fractions are ``drift_frac`` values.
     n_users: scored users per task and fraction (each with ``n_test`` test queries).
     n_records: profile records per user; stage1_users: the other users Stage 1 trains on (no drift).
-    per_user: Stage-2 targets per user (the most recent profile records).
+    per_user: Stage-2 targets per user (the most recent profile records); null: every profile record after the
+        first (record i the target, the records before it its history), the paper's full-history regime.
     results_dir: where drift.json/.md/.png go. resume / rerun: as ``tapper benchmark ml100k``.
     rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     """
@@ -101,7 +105,7 @@ class DriftBenchmarkConfig(RunConfig):
     n_records: int = 20
     n_test: int = 1
     stage1_users: int = 40
-    per_user: int = 5
+    per_user: int | None = None
     results_dir: str = "benchmarks/results"
     resume: bool = True
     rerun: list[str] = field(default_factory=list)
@@ -116,8 +120,15 @@ def check_drift_config(cfg) -> None:
     if bad:
         raise InputError(f"unknown or invalid {', '.join(bad)}; tasks: {list(DRIFT_TASKS)}, "
                          f"methods: {DRIFT_METHODS + OPTIONAL_METHODS}, fractions in [0, 1]")
-    if min(cfg.n_users, cfg.n_records - 1, cfg.n_test, cfg.stage1_users, cfg.per_user) < 1:
-        raise InputError("n_users, n_test, stage1_users, per_user must be >= 1 and n_records >= 2")
+    per_user = 1 if cfg.per_user is None else cfg.per_user
+    if min(cfg.n_users, cfg.n_records - 1, cfg.n_test, cfg.stage1_users, per_user) < 1:
+        raise InputError("n_users, n_test, stage1_users, per_user must be >= 1 (per_user: or null) and n_records >= 2")
+
+
+def targets_per_user(cfg: DriftBenchmarkConfig) -> int:
+    """Stage-2 targets per user: ``per_user``, or every profile record after the first (the train question's
+    profile holds ``n_records - 1`` records)."""
+    return cfg.n_records - 2 if cfg.per_user is None else min(cfg.per_user, cfg.n_records - 2)
 
 
 def estimate_seconds(cfg: DriftBenchmarkConfig) -> dict[str, float]:
@@ -130,7 +141,7 @@ def estimate_seconds(cfg: DriftBenchmarkConfig) -> dict[str, float]:
         prompt, answer, rag, label_extra = TOKENS[t]
         seq = (prompt + answer) / 40
         s = cfg.trainer.stage1_examples * cfg.trainer.stage1.epochs * COST_S["train_full"] * seq  # Stage 1, once
-        n2 = cfg.n_users * cfg.per_user
+        n2 = cfg.n_users * targets_per_user(cfg)
         per_frac = n2 * COST_S["forward"] * seq if n_tapper else 0.0  # trunk prefill, shared by the variants
         per_frac += n_tapper * n2 * cfg.trainer.stage2.epochs * COST_S["train_late"] * seq
         for m in cfg.methods:

@@ -4,8 +4,13 @@ import json
 import re
 
 import pytest
+import torch
 
+from embeddings.record_bank import RecordBank
 from recsys_tapper import drift_benchmark
+from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.tasks import get_task
+from recsys_tapper.users import UserIndex
 from recsys_tapper.drift_benchmark import drift_config, estimate_seconds, row_key
 
 SMALL = ["model=tiny", "trainer=smoke", "n_users=3", "n_records=6", "n_test=1", "stage1_users=2", "per_user=2",
@@ -78,6 +83,33 @@ def test_estimate_adds_up_the_measured_costs():
     assert estimate_seconds(cfg) == {"rating": pytest.approx(40 * 0.24 * 25 / 40 + 20 * 0.06 * 24 / 40)}
 
 
+def test_per_user_null_trains_on_every_profile_record_after_the_first():
+    cfg = drift_config(["tasks=[tagging]", "fractions=[0.5]", "methods=[tapper]", "n_users=10", "n_records=20",
+                        "per_user=null", "trainer.stage2.epochs=1"])
+    train, _ = drift_benchmark.drift_splits(cfg, "tagging", 0.5)
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1]}
+
+    class Enc:
+        def encode(self, texts, progress=False):
+            return torch.ones(len(texts), 2)
+
+    fb = FeatureBuilder(Tok(), Enc(), get_task("LaMP-2M"), RecordBank(2), UserIndex([]), 64)
+    fb.register(train)
+    s2 = fb.stage2_samples(train, per_user=drift_benchmark.task_config(cfg, "tagging").trainer.stage2_per_user)
+    # the train question's profile holds records 0..18; records 1..18 are targets, each after its own history
+    assert len(s2) == 10 * 18 == 10 * drift_benchmark.targets_per_user(cfg)
+    assert sorted({len(s.history_rows) for s in s2}) == list(range(1, 19))
+    assert drift_benchmark.targets_per_user(drift_config(["per_user=5"])) == 5
+    with_5 = estimate_seconds(drift_config(["tasks=[tagging]", "per_user=5"]))["tagging"]
+    full = estimate_seconds(drift_config(["tasks=[tagging]", "per_user=null"]))["tagging"]
+    assert estimate_seconds(drift_config(["tasks=[tagging]", "per_user=18"]))["tagging"] == pytest.approx(full)
+    assert full > with_5
+
+
 def test_unknown_names_fail_before_any_work(tmp_path):
     from recsys_tapper.errors import InputError
 
@@ -110,3 +142,6 @@ def test_optional_ablations_undo_one_drift_default_each():
     base = row_settings(cfg, "tapper")
     assert base["lambda_init"] == "data" and base["record_label_weight"] == 1.0 and base["lr_lambda"] == 0.05
     assert row_settings(cfg, "tapper_random_lambda") == {**base, "overrides": {"model": {"lambda_init": None}}}
+    pq_only = variant(cfg, "tapper_pq_only").model.projector
+    assert pq_only.use_user_state is False and pq_only.use_history is True
+    assert cfg.model.projector.use_user_state is True
