@@ -18,11 +18,14 @@ SMALL = ["model=tiny", "trainer=smoke", "n_users=3", "n_records=6", "n_test=1", 
          "trainer.eval_max_new_tokens=4"]
 
 
-def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monkeypatch):
+def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
     cfg = drift_config([*SMALL, "tasks=[tagging,headline]", "fractions=[0.5,0.2]",
                         "methods=[non_personalized,tapper]", f"results_dir={tmp_path}"])
     assert cfg.model.lambda_init == "data" and cfg.trainer.lr_lambda == 0.05 and cfg.trainer.class_readout == "label_set"
     result = drift_benchmark.benchmark_drift(cfg, command="test")
+    # the cost model is SmolLM2's: the tiny model gets no estimate, printed or written
+    assert "no wall-time estimate for backbone 'tiny-random-llama'" in capsys.readouterr().out
+    assert result["estimate_s"] == {} and "Estimated SmolLM2" not in (tmp_path / "drift.md").read_text()
     expected = {row_key(t, f, m) for t in ("tagging", "headline") for f in (0.5, 0.2)
                 for m in ("non_personalized", "tapper")}
     on_disk = json.loads((tmp_path / "drift.json").read_text())
