@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,6 +160,8 @@ class TrunkCache:
         fingerprint: :func:`trunk_fingerprint` of what the states depend on; :meth:`check` refuses another.
         dtype: storage dtype (float32, float16 or bfloat16); states are returned as float32.
         max_bytes: in-memory bound; past it the oldest entries spill to safetensors files in ``spill_dir``.
+        spill_dir: where spilled shards go; None: a temporary folder the cache makes on its first spill and deletes
+            on :meth:`close` or when the cache is garbage-collected (a given ``spill_dir`` is left in place).
         batch_size: sequences per trunk forward pass when filling misses.
     """
 
@@ -174,6 +178,14 @@ class TrunkCache:
         self.spill_dir = Path(spill_dir) if spill_dir else None
         self._spilled: dict[tuple[int, ...], tuple[Path, str]] = {}
         self.n_computed = 0
+        self._cleanup: weakref.finalize | None = None  # removes the spill folder this cache made itself
+
+    def close(self) -> None:
+        """Forget the spilled states and delete the temporary spill folder, if the cache made one."""
+        self._spilled.clear()
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup, self.spill_dir = None, None
 
     def __len__(self) -> int:
         return len(self.mem) + len(self._spilled)
@@ -244,6 +256,7 @@ class TrunkCache:
         """Move the oldest half of the in-memory entries into one safetensors file."""
         if self.spill_dir is None:
             self.spill_dir = Path(tempfile.mkdtemp(prefix="tapper-trunk-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.spill_dir), ignore_errors=True)
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"shard-{len(list(self.spill_dir.glob('shard-*.safetensors'))):05d}.safetensors"
         tensors = {}

@@ -121,6 +121,31 @@ def test_prefill_covers_training_and_spilled_states_read_back_equal(tmp_path):
     assert trunk.n_computed == before
 
 
+def test_a_temporary_spill_folder_is_deleted_on_close_and_on_collection(tmp_path):
+    import gc
+
+    model, fb, train, _ = _setup(2)
+    rows = fb.trunk_rows(fb.profile_samples(train, per_user=3))
+    kept = TrunkCache(model.trunk.lm, 2, model.trunk.offset, "fp", max_bytes=4 * 32 * 4 * 8, spill_dir=str(tmp_path))
+    kept.states(rows)
+    kept.close()
+    assert list(tmp_path.glob("shard-*.safetensors"))  # a folder the caller gave is the caller's
+    folders = []
+    for how in ("close", "gc"):
+        trunk = TrunkCache(model.trunk.lm, 2, model.trunk.offset, "fp", max_bytes=4 * 32 * 4 * 8)
+        trunk.states(rows)
+        folder = trunk.spill_dir
+        assert folder is not None and list(folder.glob("shard-*.safetensors"))
+        if how == "close":
+            trunk.close()
+            assert len(trunk) == len(trunk.mem)
+        else:
+            del trunk
+            gc.collect()
+        folders.append(folder)
+    assert not any(f.exists() for f in folders)
+
+
 def test_cache_is_refused_under_another_backbone_or_task_lora(tmp_path):
     model, fb, train, _ = _setup(2)
     trunk = model.trunk
