@@ -92,9 +92,9 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     check = float((torch.softmax(score, 0) - alpha.float()).abs().max()) if len(ids) else 0.0
 
     labels = list(server.task.labels)
-    with_p = model.label_probs(batch, server.label_ids, cold_row=server.cold_row)[0]  # (n_labels,)
+    with_p = server.label_distribution(model, batch, server.cold_row)[0]  # (n_labels,)
     bare = TapperModel(model.lm, None, None, prefix_layer=model.prefix_layer, trunk=model.trunk)
-    without_p = bare.label_probs(batch, server.label_ids)[0]
+    without_p = server.label_distribution(bare, batch)[0]
     numeric = all(x.isdigit() for x in labels)
 
     def dist(p: torch.Tensor) -> dict:

@@ -8,7 +8,7 @@ The history is the user's saved history (``histories.parquet``) unless ``history
 the bank lacks are encoded on the fly (and not kept). The features come from the same FeatureBuilder that
 training used.
 
-``predict_many`` scores several queries in one forward pass (one ``TapperModel.label_probs`` call over the
+``predict_many`` scores several queries in one forward pass (one ``Server.label_distribution`` call over the
 collated batch; the HTTP service's batcher uses it). ``add_records`` appends live events to a user's history
 and the record bank in memory, with no training step: the next query reads them through P_q.
 
@@ -38,7 +38,8 @@ from recsys_tapper.data import ProfileRecord, parse_date
 from recsys_tapper.data.dates import DateParseError
 from recsys_tapper.evaluation import label_token_ids
 from recsys_tapper.features import Batch, FeatureBuilder, Sample, record_key
-from recsys_tapper.tasks import get_task
+from recsys_tapper.label_scoring import label_scores
+from recsys_tapper.tasks import CLASSIFICATION, get_task
 
 
 @dataclass
@@ -95,7 +96,19 @@ class Server:
         self.histories = read_histories(self.model_dir / "histories.parquet")
         self.cold_start = cold_start
         self.cold_row = cold_start_rows(self.model.tower.table.weight, cold_start)  # (D,)
-        self.label_ids = label_token_ids(self.tok, self.task.labels)
+        # classification answers by label-set scoring (each label's whole token sequence, as the job's label_set
+        # readout); ratings by the next-token distribution over the labels' first tokens
+        self.label_set = self.task.kind == CLASSIFICATION
+        self.label_targets = [self.fb.answer_ids(lab) for lab in self.task.labels]
+        self.label_ids = None if self.label_set else label_token_ids(self.tok, self.task.labels)
+
+    def label_distribution(self, model, batch: Batch, cold_row: torch.Tensor | None = None) -> torch.Tensor:
+        """The answer distribution over the task's labels -> (B, n_labels): for classification the softmax of
+        each label's mean token log-probability (``label_scoring.label_scores``; its argmax is the job's
+        ``label_set`` answer), else ``model.label_probs`` over the labels' tokens."""
+        if self.label_set:
+            return torch.softmax(label_scores(model, batch, self.label_targets, cold_row=cold_row), dim=-1)
+        return model.label_probs(batch, self.label_ids, cold_row=cold_row)
 
     def _records(self, user: str, history_records: Sequence | None) -> list[ProfileRecord]:
         if history_records is None:
@@ -170,7 +183,7 @@ class Server:
             return []
         batch = self.batch(queries)
         self.model.eval()
-        probs = self.model.label_probs(batch, self.label_ids, cold_row=self.cold_row)  # (B, n_labels)
+        probs = self.label_distribution(self.model, batch, self.cold_row)  # (B, n_labels)
         labels = self.task.labels
         values = torch.tensor([float(x) for x in labels]) if all(x.isdigit() for x in labels) else None
         outs = []
