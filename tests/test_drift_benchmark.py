@@ -8,10 +8,10 @@ import torch
 
 from embeddings.record_bank import RecordBank
 from recsys_tapper import drift_benchmark
+from recsys_tapper.drift_benchmark import drift_config, estimate_seconds, row_key
 from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
-from recsys_tapper.drift_benchmark import drift_config, estimate_seconds, row_key
 
 SMALL = ["model=tiny", "trainer=smoke", "n_users=3", "n_records=6", "n_test=1", "stage1_users=2", "per_user=2",
          "trainer.stage1_examples=4", "trainer.stage1.batch_size=4", "trainer.stage2.batch_size=4",
@@ -90,6 +90,7 @@ def test_per_user_null_trains_on_every_profile_record_after_the_first():
     cfg = drift_config(["tasks=[tagging]", "fractions=[0.5]", "methods=[tapper]", "n_users=10", "n_records=20",
                         "per_user=null", "trainer.stage2.epochs=1"])
     train, _ = drift_benchmark.drift_splits(cfg, "tagging", 0.5)
+
     class Tok:
         eos_token_id = 0
 
