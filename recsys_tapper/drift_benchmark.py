@@ -122,7 +122,7 @@ def check_drift_config(cfg) -> None:
                          f"methods: {DRIFT_METHODS + OPTIONAL_METHODS}, fractions in [0, 1]")
     per_user = 1 if cfg.per_user is None else cfg.per_user
     if min(cfg.n_users, cfg.n_records - 1, cfg.n_test, cfg.stage1_users, per_user) < 1:
-        raise InputError("n_users, n_test, stage1_users, per_user must be >= 1 (per_user: or null) and n_records >= 2")
+        raise InputError("n_users, n_test, stage1_users and per_user (or null: every record) must be >= 1, n_records >= 2")
 
 
 def targets_per_user(cfg: DriftBenchmarkConfig) -> int:
