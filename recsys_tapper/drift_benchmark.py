@@ -35,8 +35,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -69,6 +71,9 @@ from recsys_tapper.users import UserIndex
 DRIFT_TASKS = {"tagging": (synthetic_tagging_task, "LaMP-2M", "accuracy", True),
                "rating": (synthetic_rating_task, "movielens", "mae", False),
                "headline": (synthetic_headline_task, "LaMP-4", "rougeL", True)}
+# bumped when a task's generator changes what it writes, so that older rows of that task are recomputed
+# (headline 2: habits that rouge-score can see; version 1's ALL CAPS, lower case and "!!!" it could not)
+GENERATOR_VERSION = {"tagging": 1, "rating": 1, "headline": 2}
 DRIFT_METHODS = ["non_personalized", "rag_recency_k4", "tapper_no_time", "tapper"]
 # ablations of the drift defaults: the paper's record vectors; lambdas started at N(0, 0.02), not the data's prior
 DRIFT_ABLATIONS = {"tapper_no_label_weight": {"model": {"record_label_weight": 0.0}},
@@ -93,6 +98,8 @@ class DriftBenchmarkConfig(RunConfig):
     n_records: profile records per user; stage1_users: the other users Stage 1 trains on (no drift).
     per_user: Stage-2 targets per user (the most recent profile records); null: every profile record after the
         first (record i the target, the records before it its history), the paper's full-history regime.
+    task_overrides: per-task settings merged over the rest, e.g. ``{rating: {per_user: 5}}`` (Stage-2 settings
+        only: what a row's settings record, never Stage 1, the data or the prompts every row shares).
     results_dir: where drift.json/.md/.png go. resume / rerun: as ``tapper benchmark ml100k``.
     rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     """
@@ -106,6 +113,7 @@ class DriftBenchmarkConfig(RunConfig):
     n_test: int = 1
     stage1_users: int = 40
     per_user: int | None = None
+    task_overrides: dict[str, Any] = field(default_factory=dict)
     results_dir: str = "benchmarks/results"
     resume: bool = True
     rerun: list[str] = field(default_factory=list)
@@ -120,9 +128,14 @@ def check_drift_config(cfg) -> None:
     if bad:
         raise InputError(f"unknown or invalid {', '.join(bad)}; tasks: {list(DRIFT_TASKS)}, "
                          f"methods: {DRIFT_METHODS + OPTIONAL_METHODS}, fractions in [0, 1]")
-    per_user = 1 if cfg.per_user is None else cfg.per_user
-    if min(cfg.n_users, cfg.n_records - 1, cfg.n_test, cfg.stage1_users, per_user) < 1:
-        raise InputError("n_users, n_test, stage1_users and per_user (or null: every record) must be >= 1, n_records >= 2")
+    unknown = [t for t in cfg.task_overrides if t not in DRIFT_TASKS]
+    if unknown:
+        raise InputError(f"task_overrides names unknown task(s) {unknown}; tasks: {list(DRIFT_TASKS)}")
+    for c in [cfg, *(task_config(cfg, t) for t in cfg.task_overrides)]:
+        per_user = 1 if c.per_user is None else c.per_user
+        if min(c.n_users, c.n_records - 1, c.n_test, c.stage1_users, per_user) < 1:
+            raise InputError("n_users, n_test, stage1_users and per_user (or null: every record) must be >= 1, "
+                             "n_records >= 2")
 
 
 def targets_per_user(cfg: DriftBenchmarkConfig) -> int:
@@ -141,9 +154,10 @@ def estimate_seconds(cfg: DriftBenchmarkConfig) -> dict[str, float]:
         prompt, answer, rag, label_extra = TOKENS[t]
         seq = (prompt + answer) / 40
         s = cfg.trainer.stage1_examples * cfg.trainer.stage1.epochs * COST_S["train_full"] * seq  # Stage 1, once
-        n2 = cfg.n_users * targets_per_user(cfg)
+        tc = task_config(cfg, t)
+        n2 = cfg.n_users * targets_per_user(tc)
         per_frac = n2 * COST_S["forward"] * seq if n_tapper else 0.0  # trunk prefill, shared by the variants
-        per_frac += n_tapper * n2 * cfg.trainer.stage2.epochs * COST_S["train_late"] * seq
+        per_frac += n_tapper * n2 * tc.trainer.stage2.epochs * COST_S["train_late"] * seq
         for m in cfg.methods:
             p = min(rag, cfg.rag_max_prompt_tokens) if m in RAG_METHODS else prompt
             q = COST_S["forward"] * (p + label_extra) / 40  # one forward (rating; label-set scoring)
@@ -165,11 +179,14 @@ def _settings(cfg: DriftBenchmarkConfig) -> dict:
             "class_readout": t.class_readout, "eval_max_new_tokens": t.eval_max_new_tokens}
 
 
-def row_settings(cfg: RunConfig, name: str) -> dict:
-    """A row's own settings (``benchmark.method_settings``): a row is reused only when they match."""
+def row_settings(cfg: RunConfig, name: str, task: str | None = None) -> dict:
+    """A row's own settings (``benchmark.method_settings``, and the task's generator version when it is past
+    1): a row is reused only when they match."""
+    version = GENERATOR_VERSION.get(task, 1)
+    gen = {"generator_version": version} if version > 1 else {}
     if name in DRIFT_ABLATIONS:
-        return {**method_settings(cfg, "tapper"), "overrides": DRIFT_ABLATIONS[name]}
-    return method_settings(cfg, name)
+        return {**method_settings(cfg, "tapper"), "overrides": DRIFT_ABLATIONS[name], **gen}
+    return {**method_settings(cfg, name), **gen}
 
 
 def variant(cfg: DriftBenchmarkConfig, name: str) -> DriftBenchmarkConfig:
@@ -179,10 +196,21 @@ def variant(cfg: DriftBenchmarkConfig, name: str) -> DriftBenchmarkConfig:
 
 
 def task_config(cfg: DriftBenchmarkConfig, task: str) -> DriftBenchmarkConfig:
-    """The config of one task: its layout's task name, Stage-2 targets per user."""
+    """The config of one task: ``task_overrides[task]`` merged in, its layout's task name, Stage-2 targets per
+    user. Overrides that would change what every row shares (:func:`_settings`) are refused."""
     tcfg = copy.deepcopy(cfg)
+    over = cfg.task_overrides.get(task)
+    if over:
+        try:
+            tcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), over))
+        except OmegaConfBaseException as e:  # an unknown key or a wrong type, named by OmegaConf
+            raise InputError(f"task_overrides.{task}: {e}".splitlines()[0]) from None
+        changed = sorted(k for k, v in _settings(tcfg).items() if _settings(cfg)[k] != v)
+        if changed:
+            raise InputError(f"task_overrides.{task} may set Stage-2 settings only, not {changed} "
+                             "(Stage 1, the data and the prompts are shared by every row)")
     tcfg.task.name = DRIFT_TASKS[task][1]
-    tcfg.trainer.stage2_per_user = cfg.per_user
+    tcfg.trainer.stage2_per_user = tcfg.per_user
     return tcfg
 
 
@@ -245,7 +273,7 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
         tcfg = task_config(cfg, task)
         todo = [(f, m) for f in cfg.fractions for m in cfg.methods
                 if m in cfg.rerun or result["rows"].get(row_key(task, f, m), {}).get("settings")
-                != row_settings(tcfg, m)]
+                != row_settings(tcfg, m, task)]
         if todo:
             _run_task(tcfg, task, todo, result, out_dir, meta, save)
     save()
@@ -256,7 +284,8 @@ def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
     """(lm with the task's Stage-1 LoRA merged, tokenizer, the LoRA file): trained once, then loaded."""
     lm, tok = load_backbone(tcfg.model.backbone)
     cache = out_dir / f"drift_{task}_stage1_lora.safetensors"  # git-ignored, like every results safetensors
-    if cache.exists() and task in result["stage1"]:
+    version = GENERATOR_VERSION[task]  # a LoRA trained on an older generator's records is retrained
+    if cache.exists() and task in result["stage1"] and result["stage1"][task].get("generator_version", 1) == version:
         lm = add_lora(lm, tcfg.model.task_lora)
         set_peft_model_state_dict(lm, load_file(cache))
         return merge_lora(lm), tok, cache
@@ -265,7 +294,8 @@ def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
                         RecordBank(lm.config.hidden_size), UserIndex([]), tcfg.model.max_prompt_tokens)
     lm, state, s1, seconds, losses, _ = train_stage1(tcfg, lm, fb, train, set())
     save_file(state, cache)
-    result["stage1"][task] = {"seconds": seconds, "n_examples": len(s1), "final_loss": losses[-1] if losses else None}
+    result["stage1"][task] = {"seconds": seconds, "n_examples": len(s1), "final_loss": losses[-1] if losses else None,
+                              **({"generator_version": version} if version > 1 else {})}
     return lm, tok, cache
 
 
@@ -312,7 +342,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 "metric": DRIFT_TASKS[task][2], "higher_is_better": DRIFT_TASKS[task][3],
                 "drift_at": drift_point(tcfg.n_records, tcfg.n_test, True, frac), **rep, **extra,
                 "n_users": len(users), "n_queries": len(test_samples), "train_s": train_s, "eval_s": eval_s,
-                "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name),
+                "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name, task),
                 "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"]}
             save()
             metric = DRIFT_TASKS[task][2]

@@ -8,8 +8,9 @@ from the user's history and a non-personalized one cannot:
 | ``SYNTHETIC-movielens``        | movielens | a taste per genre: rating = clip(round(3 + taste[genre] + noise))   |
 | ``SYNTHETIC-LaMP-2M``          | LaMP-2M   | the user prefers 3 of the 15 tags; every description cues 3 tags,   |
 |                                |           | exactly one of them preferred, and that one is the gold tag         |
-| ``SYNTHETIC-LaMP-4``           | LaMP-4    | a headline habit: ALL CAPS, a signature word at the end, "!!!",     |
-|                                |           | all lower case, or a "BREAKING:" opener, applied to a base headline |
+| ``SYNTHETIC-LaMP-4``           | LaMP-4    | a headline habit: a signature word at the end, a "BREAKING:" or     |
+|                                |           | "Watch:" opener, or a ", sources say" or ", explained" ending,      |
+|                                |           | applied to a base headline (every habit is words ROUGE can see)     |
 
 Drift (``drift=True``), the same known schedule in all three: from the drift point of each user's timeline on,
 the rating taste flips sign, the 3 preferred tags are replaced by 3 others, the headline habit changes to another
@@ -168,7 +169,9 @@ def synthetic_tagging_task(
 
 # ----------------------------------------------------------------------------- headlines (LaMP-4)
 
-STYLES = ("caps", "signature", "exclaim", "lowercase", "breaking")
+# Every habit adds words: rouge-score lower-cases and drops punctuation, so a habit of case or punctuation (the
+# first version's ALL CAPS, lower case and "!!!") scored like no habit at all.
+STYLES = ("signature", "breaking", "watch", "sources", "explained")
 SIGNATURES = ("indeed", "folks", "sigh", "naturally", "allegedly", "again")
 _SUBJECTS = ("City council", "Local school", "Regional bank", "Hospital board", "Football club", "Tech startup",
              "Museum", "Farmers union", "Police department", "University")
@@ -182,16 +185,16 @@ _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 
 def apply_style(base: str, style: str, signature: str) -> str:
     """A base headline in one of the :data:`STYLES`."""
-    if style == "caps":
-        return base.upper()
     if style == "signature":
         return f"{base} {signature}"
-    if style == "exclaim":
-        return f"{base}!!!"
-    if style == "lowercase":
-        return base.lower()
     if style == "breaking":
         return f"BREAKING: {base}"
+    if style == "watch":
+        return f"Watch: {base}"
+    if style == "sources":
+        return f"{base}, sources say"
+    if style == "explained":
+        return f"{base}, explained"
     raise ValueError(f"unknown style {style!r}; known: {STYLES}")
 
 

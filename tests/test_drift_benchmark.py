@@ -61,6 +61,24 @@ def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monke
     again = drift_benchmark.benchmark_drift(cfg, command="test again")
     assert again["rows"] == on_disk["rows"] and [r["command"] for r in again["runs"]] == ["test", "test again"]
 
+    # a table from headline generator version 1: its Stage-1 LoRA and rows are redone, tagging's are kept
+    monkeypatch.undo()
+    old = json.loads((tmp_path / "drift.json").read_text())
+    assert old["stage1"]["headline"].pop("generator_version") == 2 and "generator_version" not in old["stage1"]["tagging"]
+    for row in old["rows"].values():
+        row["settings"].pop("generator_version", None)
+    (tmp_path / "drift.json").write_text(json.dumps(old))
+    calls = []
+    real = drift_benchmark.train_stage1
+    monkeypatch.setattr(drift_benchmark, "train_stage1", lambda *a, **k: calls.append(1) or real(*a, **k))
+    third = drift_benchmark.benchmark_drift(cfg, command="test 3")
+    assert len(calls) == 1 and third["stage1"]["headline"]["generator_version"] == 2
+    for key, row in third["rows"].items():
+        if key.startswith("tagging"):
+            assert row == old["rows"][key]
+        else:
+            assert row["settings"]["generator_version"] == 2 and row["date"] != old["rows"][key]["date"]
+
 
 def test_a_changed_stage2_setting_reruns_only_the_tapper_rows(tmp_path, monkeypatch):
     cfg = drift_config([*SMALL, "tasks=[rating]", "fractions=[0.5]", "methods=[rag_recency_k4,tapper_no_time]",
@@ -149,3 +167,41 @@ def test_optional_ablations_undo_one_drift_default_each():
     pq_only = variant(cfg, "tapper_pq_only").model.projector
     assert pq_only.use_user_state is False and pq_only.use_history is True
     assert cfg.model.projector.use_user_state is True
+
+
+def test_task_overrides_set_one_tasks_stage2_budget_and_refuse_what_rows_share():
+    from recsys_tapper.drift_benchmark import check_drift_config, row_settings, task_config
+    from recsys_tapper.errors import InputError
+
+    cfg = drift_config(["+task_overrides.rating.per_user=5", "+task_overrides.rating.trainer.stage2.epochs=5",
+                        "per_user=null"])
+    rating, tagging = task_config(cfg, "rating"), task_config(cfg, "tagging")
+    assert (rating.per_user, rating.trainer.stage2_per_user, rating.trainer.stage2.epochs) == (5, 5, 5)
+    assert (tagging.per_user, tagging.trainer.stage2_per_user) == (None, None)
+    assert tagging.trainer.stage2.epochs == cfg.trainer.stage2.epochs == 3
+    assert (rating.task.name, tagging.task.name) == ("movielens", "LaMP-2M")
+    # the rating rows record the task's budget, so changing it reruns them and nothing else
+    assert row_settings(rating, "tapper", "rating")["per_user"] == 5
+    assert row_settings(tagging, "tapper", "tagging")["per_user"] is None
+    # the estimate follows the override: 100 users x 18 targets x 3 epochs against 100 x 5 x 5
+    plain = estimate_seconds(drift_config(["tasks=[rating]", "per_user=null"]))["rating"]
+    assert estimate_seconds(drift_config(["tasks=[rating]", "+task_overrides.rating.per_user=5",
+                                          "+task_overrides.rating.trainer.stage2.epochs=5",
+                                          "per_user=null"]))["rating"] < plain
+    for bad, message in [("+task_overrides.rate.per_user=5", r"unknown task\(s\) \['rate'\]"),
+                         ("+task_overrides.rating.per_user=0", "per_user .* must be >= 1"),
+                         ("+task_overrides.rating.trainer.stage1_examples=5",
+                          r"Stage-2 settings only, not \['stage1_examples'\]"),
+                         ("+task_overrides.rating.bogus=1", "task_overrides.rating: Key 'bogus' not in")]:
+        with pytest.raises(InputError, match=message):
+            check_drift_config(drift_config([bad]))
+
+
+def test_a_generator_version_past_1_is_part_of_that_tasks_row_settings():
+    from recsys_tapper.drift_benchmark import GENERATOR_VERSION, row_settings
+
+    cfg = drift_config([])
+    assert GENERATOR_VERSION["headline"] == 2
+    assert row_settings(cfg, "tapper", "headline") == {**row_settings(cfg, "tapper"), "generator_version": 2}
+    assert row_settings(cfg, "non_personalized", "headline") == {"generator_version": 2}
+    assert row_settings(cfg, "tapper", "tagging") == row_settings(cfg, "tapper")

@@ -95,12 +95,12 @@ def test_tagging_drift_makes_old_history_mislead():
 def _style(title, signature_words=("indeed", "folks", "sigh", "naturally", "allegedly", "again")):
     if title.startswith("BREAKING: "):
         return "breaking"
-    if title.endswith("!!!"):
-        return "exclaim"
-    if title.isupper():
-        return "caps"
-    if title.islower():
-        return "lowercase"
+    if title.startswith("Watch: "):
+        return "watch"
+    if title.endswith(", sources say"):
+        return "sources"
+    if title.endswith(", explained"):
+        return "explained"
     if title.split()[-1] in signature_words:
         return "signature"
     return None
@@ -123,10 +123,22 @@ def test_headline_habit_is_constant_without_drift_and_switches_with_it():
 
 def test_apply_style():
     assert [apply_style("Museum cancels summer festival", s, "sigh") for s in STYLES] == [
-        "MUSEUM CANCELS SUMMER FESTIVAL", "Museum cancels summer festival sigh", "Museum cancels summer festival!!!",
-        "museum cancels summer festival", "BREAKING: Museum cancels summer festival"]
+        "Museum cancels summer festival sigh", "BREAKING: Museum cancels summer festival",
+        "Watch: Museum cancels summer festival", "Museum cancels summer festival, sources say",
+        "Museum cancels summer festival, explained"]
     with pytest.raises(ValueError):
         apply_style("x", "emoji", "")
+
+
+def test_every_headline_habit_changes_what_rouge_scores():
+    """rouge-score lower-cases and drops punctuation: a habit must add words, or it scores like no habit."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    base = "Museum cancels summer festival"
+    for style in STYLES:
+        styled = apply_style(base, style, "sigh")
+        assert scorer.score(styled, base)["rougeL"].fmeasure < 0.9, style
 
 
 def test_write_synthetic_round_trips_through_the_lamp_loader(tmp_path):
