@@ -44,10 +44,21 @@ def check_run_config(cfg) -> None:
     check_table_optimizer(cfg.trainer.table_optimizer, getattr(getattr(cfg, "dist", None), "sharding", None))
     if cfg.model.lambda_init not in LAMBDA_INITS:
         raise InputError(f"model.lambda_init {cfg.model.lambda_init!r} is not one of null, data")
+    check_readout(cfg.trainer)
     if cfg.data.source == "lamp":
         need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
         _check_lamp_dir(cfg.data.dir, need, f"data.train_split={cfg.data.train_split}, "
                                             f"data.test_split={cfg.data.test_split}")
+
+
+def check_readout(trainer) -> None:
+    """``trainer.class_readout`` and ``trainer.label_norm`` name a known classification readout."""
+    from recsys_tapper.label_scoring import CLASS_READOUTS, LABEL_NORMS
+
+    if trainer.class_readout not in CLASS_READOUTS:
+        raise InputError(f"trainer.class_readout {trainer.class_readout!r} is not one of {', '.join(CLASS_READOUTS)}")
+    if trainer.label_norm not in LABEL_NORMS:
+        raise InputError(f"trainer.label_norm {trainer.label_norm!r} is not one of {', '.join(LABEL_NORMS)}")
 
 
 def _check_lamp_dir(data_dir: str | None, need: list[str], splits: str) -> None:

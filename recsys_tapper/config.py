@@ -107,6 +107,8 @@ class TrainerConfig:
     class_readout: how classification tasks answer (``recsys_tapper.label_scoring``): ``label_set`` (the best
         label by length-normalised log-likelihood), ``generate`` (greedy decoding, exact match) or ``both``
         (label_set is the answer, generation reported beside it as ``accuracy_generate``, ``f1_generate``, ...).
+    label_norm: label-set scoring's score: ``mean`` token log-probability (length-normalised) or ``sum`` (the
+        label's log-probability; the mean favours long labels). See ``recsys_tapper.label_scoring``.
 
     The paper trains 3 epochs at lr 1e-4 to 2e-4. A CPU run affords about a hundred steps per stage, so the
     defaults are one epoch at higher rates (picked on the MovieLens validation queries, never on test).
@@ -129,6 +131,7 @@ class TrainerConfig:
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 32
     class_readout: str = "both"
+    label_norm: str = "mean"
 
 
 TABLE_OPTIMIZERS = ("adamw", "rowwise_adagrad", "adagrad", "sgd")

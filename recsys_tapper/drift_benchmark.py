@@ -49,6 +49,7 @@ from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.baselines.rag import RAG_METHODS, rag_samples
 from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings
 from recsys_tapper.build import build_trunk
+from recsys_tapper.checks import check_readout
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.executors import LocalExecutor
@@ -128,6 +129,7 @@ def check_drift_config(cfg) -> None:
     if bad:
         raise InputError(f"unknown or invalid {', '.join(bad)}; tasks: {list(DRIFT_TASKS)}, "
                          f"methods: {DRIFT_METHODS + OPTIONAL_METHODS}, fractions in [0, 1]")
+    check_readout(cfg.trainer)
     unknown = [t for t in cfg.task_overrides if t not in DRIFT_TASKS]
     if unknown:
         raise InputError(f"task_overrides names unknown task(s) {unknown}; tasks: {list(DRIFT_TASKS)}")
@@ -176,7 +178,8 @@ def _settings(cfg: DriftBenchmarkConfig) -> dict:
             "stage1_users": cfg.stage1_users, "seed": t.seed, "backbone": m.backbone.name_or_path,
             "stage1_examples": t.stage1_examples, "stage1": asdict(t.stage1), "task_lora": asdict(m.task_lora),
             "max_prompt_tokens": m.max_prompt_tokens, "max_record_tokens": m.max_record_tokens,
-            "class_readout": t.class_readout, "eval_max_new_tokens": t.eval_max_new_tokens}
+            "class_readout": t.class_readout, "eval_max_new_tokens": t.eval_max_new_tokens,
+            **({"label_norm": t.label_norm} if t.label_norm != "mean" else {})}
 
 
 def row_settings(cfg: RunConfig, name: str, task: str | None = None) -> dict:

@@ -172,7 +172,8 @@ def score(ex: Executor, model: TapperModel, fb: FeatureBuilder, samples, task, c
             return predict_labels(model, feats, part, task.labels, batch_size=bs, desc=desc)
     elif task.kind == CLASSIFICATION:  # label-set scoring (+ greedy decoding beside it, trainer.class_readout)
         def fn(part):
-            return classify_rows(model, feats, part, task, cfg.trainer.class_readout, bs, desc, new)
+            return classify_rows(model, feats, part, task, cfg.trainer.class_readout, bs, desc, new,
+                                 cfg.trainer.label_norm)
     else:
         def fn(part):
             return predict_texts(model, feats, part, cfg.trainer.eval_max_new_tokens, batch_size=bs, desc=desc)

@@ -4,7 +4,12 @@ For each question and each label l of the task's label set, the score is the len
 l's target tokens a = ``FeatureBuilder.answer_ids(l)`` (l's tokens + EOS: exactly what Stage 1 and Stage 2 train
 on) behind the prefix and the prompt:
 
-    score(l) = 1/n_l · Σ_m log p(a_m | P, prompt, a_<m),        n_l = |a|
+    score(l) = 1/n_l · Σ_m log p(a_m | P, prompt, a_<m),        n_l = |a|       (norm="mean", the default)
+    score(l) =         Σ_m log p(a_m | P, prompt, a_<m)                          (norm="sum": log p(l | P, prompt))
+
+The mean favours long labels: after a label's first token the rest are nearly certain, so a 4-token label's
+uncertain first token is divided by 5 and a 1-token label's by 2. The sum is the label's own probability
+(``trainer.label_norm``; which one answers best is a validation choice).
 
 The answer is argmax_l score(l), so it is always in the label set (a format slip cannot score 0). All labels share
 the prompt's forward pass: one packed row per question holds the prompt once and every label's inputs after it,
@@ -41,6 +46,7 @@ from recsys_tapper.model import TapperModel
 from recsys_tapper.tasks import Task
 
 CLASS_READOUTS = ("label_set", "generate", "both")
+LABEL_NORMS = ("mean", "sum")
 
 
 @dataclass
@@ -122,9 +128,11 @@ def with_prefix(allowed: torch.Tensor, positions: torch.Tensor, n_slots: int) ->
 
 @torch.no_grad()
 def label_scores(model: TapperModel, batch: Batch, label_targets: Sequence[Sequence[int]],
-                 cold_row: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean log-probability of each label's targets behind each prompt of ``batch`` (prompt-only, as
-    ``fb.collate(samples, with_labels=False)``) -> (B, K). One packed forward pass for the batch."""
+                 cold_row: torch.Tensor | None = None, norm: str = "mean") -> torch.Tensor:
+    """Mean (``norm="mean"``) or summed (``"sum"``) log-probability of each label's targets behind each prompt of
+    ``batch`` (prompt-only, as ``fb.collate(samples, with_labels=False)``) -> (B, K). One packed forward pass."""
+    if norm not in LABEL_NORMS:
+        raise ValueError(f"unknown label score norm {norm!r}; use one of {LABEL_NORMS}")
     prompts = [batch.input_ids[i, : last + 1].tolist() for i, last in enumerate(batch.last_prompt.tolist())]
     lay = tree_layout(prompts, label_targets)
     prefix = model.prefix(batch, cold_row) if model.personalized else None  # (B, L, d)
@@ -149,18 +157,18 @@ def label_scores(model: TapperModel, batch: Batch, label_targets: Sequence[Seque
     logp = torch.log_softmax(lm_head(read).float(), dim=-1)  # (B, Q, V)
     tok_lp = logp.gather(2, lay.targets[None, :, None].expand(len(prompts), -1, 1))[..., 0]  # (B, Q)
     sums = torch.zeros(len(prompts), len(label_targets)).index_add_(1, lay.label_of, tok_lp)  # (B, K)
-    return sums / lay.n_targets[None, :]
+    return sums if norm == "sum" else sums / lay.n_targets[None, :]
 
 
 @torch.no_grad()
 def predict_label_set(model: TapperModel, fb: FeatureBuilder, samples: Sequence[Sample], labels: Sequence[str],
-                      batch_size: int = 16, desc: str = "label set") -> list[dict]:
+                      batch_size: int = 16, desc: str = "label set", norm: str = "mean") -> list[dict]:
     """The best-scoring label per sample, as ``predict_texts`` rows plus ``label_scores`` {label: score}:
     ``{"id", "user", "gold", "pred", "cold", "label_scores"}``."""
     targets = [fb.answer_ids(lab) for lab in labels]
     rows = []
     for chunk, batch in eval_batches(model, fb, samples, batch_size, desc):
-        scores = label_scores(model, batch, targets)  # (B, K)
+        scores = label_scores(model, batch, targets, norm=norm)  # (B, K)
         for s, sc, cold in zip(chunk, scores.tolist(), batch.cold):
             best = max(range(len(labels)), key=sc.__getitem__)  # first of ties, as argmax
             rows.append({"id": s.id, "user": s.user, "gold": s.answer, "pred": labels[best], "cold": cold,
@@ -169,23 +177,24 @@ def predict_label_set(model: TapperModel, fb: FeatureBuilder, samples: Sequence[
 
 
 def classify(model: TapperModel, fb: FeatureBuilder, samples: Sequence[Sample], task: Task, readout: str = "both",
-             batch_size: int = 16, desc: str = "eval", max_new_tokens: int = 32) -> tuple[dict, list[dict]]:
+             batch_size: int = 16, desc: str = "eval", max_new_tokens: int = 32,
+             norm: str = "mean") -> tuple[dict, list[dict]]:
     """(report, rows) of a classification task under ``readout``: ``label_set`` (label-set scoring),
     ``generate`` (greedy decoding, exact match) or ``both`` (label-set scoring is the answer; greedy decoding is
     reported beside it as ``<metric>_generate`` and each row's ``pred_generate``)."""
-    rows = classify_rows(model, fb, samples, task, readout, batch_size, desc, max_new_tokens)
+    rows = classify_rows(model, fb, samples, task, readout, batch_size, desc, max_new_tokens, norm)
     return class_report(task, rows, readout), rows
 
 
 def classify_rows(model: TapperModel, fb: FeatureBuilder, samples: Sequence[Sample], task: Task,
                   readout: str = "both", batch_size: int = 16, desc: str = "eval",
-                  max_new_tokens: int = 32) -> list[dict]:
+                  max_new_tokens: int = 32, norm: str = "mean") -> list[dict]:
     """The prediction rows of :func:`classify` (``pred``; ``pred_generate`` too under ``both``)."""
     if readout not in CLASS_READOUTS:
         raise ValueError(f"unknown classification readout {readout!r}; use one of {CLASS_READOUTS}")
     if readout == "generate":
         return predict_texts(model, fb, samples, max_new_tokens, batch_size=batch_size, desc=desc)
-    rows = predict_label_set(model, fb, samples, task.labels, batch_size=batch_size, desc=desc)
+    rows = predict_label_set(model, fb, samples, task.labels, batch_size=batch_size, desc=desc, norm=norm)
     if readout == "both":
         gen = predict_texts(model, fb, samples, max_new_tokens, batch_size=batch_size, desc=f"{desc} (generate)")
         for r, g in zip(rows, gen):

@@ -104,10 +104,12 @@ class Server:
 
     def label_distribution(self, model, batch: Batch, cold_row: torch.Tensor | None = None) -> torch.Tensor:
         """The answer distribution over the task's labels -> (B, n_labels): for classification the softmax of
-        each label's mean token log-probability (``label_scoring.label_scores``; its argmax is the job's
+        each label's mean (or, ``trainer.label_norm=sum``, summed) token log-probability
+        (``label_scoring.label_scores``; its argmax is the job's
         ``label_set`` answer), else ``model.label_probs`` over the labels' tokens."""
         if self.label_set:
-            return torch.softmax(label_scores(model, batch, self.label_targets, cold_row=cold_row), dim=-1)
+            return torch.softmax(label_scores(model, batch, self.label_targets, cold_row=cold_row,
+                                              norm=self.cfg.trainer.label_norm), dim=-1)
         return model.label_probs(batch, self.label_ids, cold_row=cold_row)
 
     def _records(self, user: str, history_records: Sequence | None) -> list[ProfileRecord]:

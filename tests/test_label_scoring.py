@@ -153,6 +153,11 @@ def test_scores_are_length_normalised_over_the_answer_tokens_and_eos():
         _, sums = _naive_scores(model, fb, batch, labels)
     assert_close(got, sums / torch.tensor([2.0, 4.0]), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got[:, 1], sums[:, 1], atol=1e-3)  # not the unnormalised sum
+    # norm="sum" (trainer.label_norm=sum): the label's own log-probability, no division
+    assert_close(label_scores(model, batch, [fb.answer_ids(lab) for lab in labels], norm="sum"), sums,
+                 atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown label score norm 'max'"):
+        label_scores(model, batch, [fb.answer_ids(lab) for lab in labels], norm="max")
 
 
 @pytest.mark.parametrize("k", [0, 2])

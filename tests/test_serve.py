@@ -136,16 +136,18 @@ def test_a_label_weighted_model_serves_new_records_as_the_job_encoded_its_own(tm
     torch.testing.assert_close(s.bank.vectors[s.bank.index[f"{ex.user_id}/{r0.id}"]][None], text + label)
 
 
-def test_a_classification_model_is_served_by_label_set_scoring(tmp_path):
+@pytest.mark.parametrize("norm", ["mean", "sum"])
+def test_a_classification_model_is_served_by_label_set_scoring(tmp_path, norm):
     """LaMP-2M: the server answers with the job's label_set readout (each tag's whole token sequence scored
-    behind the prefix), not with first tokens; its probs are the softmax of those scores."""
+    behind the prefix, under the job's trainer.label_norm), not with first tokens; its probs are the softmax of
+    those scores."""
     from recsys_tapper.job import run
     from recsys_tapper.label_scoring import label_scores
     from recsys_tapper.synthetic import synthetic_tagging_task
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path / "run")
-    cfg.task.name, cfg.trainer.class_readout = "LaMP-2M", "label_set"
+    cfg.task.name, cfg.trainer.class_readout, cfg.trainer.label_norm = "LaMP-2M", "label_set", norm
     splits = synthetic_tagging_task(n_users=3, n_records=6, n_test=2, seed=3)
     run(cfg, splits=splits)
     saved = {r["id"]: r for r in json.loads((tmp_path / "run" / "predictions.json").read_text())["tapper"]}
@@ -158,7 +160,7 @@ def test_a_classification_model_is_served_by_label_set_scoring(tmp_path):
         got = s.predict(ex.user_id, ex.input, date=ex.date)
         assert got["pred"] == saved[ex.id]["pred"] and got["pred"] in s.task.labels
         batch = s.batch([Query(ex.user_id, ex.input, None, ex.date)])
-        scores = label_scores(s.model, batch, s.label_targets, cold_row=s.cold_row)[0]
+        scores = label_scores(s.model, batch, s.label_targets, cold_row=s.cold_row, norm=norm)[0]
         torch.testing.assert_close(torch.tensor(list(got["probs"].values())), torch.softmax(scores, 0))
         checked += 1
     assert checked == len(saved) == 6  # 3 users x 2 test questions

@@ -93,6 +93,8 @@ DEMO_CASES = {
     "unknown_group_option": (_dev_case(_good_dev()), ["model=huge"], "Could not find 'model/huge'"),
     "unknown_table_optimizer": (_dev_case(_good_dev()), ["trainer.table_optimizer=adam"],
                                 "trainer.table_optimizer 'adam' is not one of adamw, rowwise_adagrad, adagrad, sgd"),
+    "unknown_label_norm": (_dev_case(_good_dev()), ["trainer.label_norm=max"],
+                           "trainer.label_norm 'max' is not one of mean, sum"),
 }
 
 
