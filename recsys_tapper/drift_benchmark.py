@@ -25,7 +25,7 @@ setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift
 
     tapper benchmark drift                                        # SmolLM2, the defaults (estimate printed)
     tapper benchmark drift tasks=[tagging] fractions=[0.1,0.5] methods=[tapper,tapper_no_time]
-    tapper benchmark drift model=tiny trainer=smoke n_users=4 results_dir=runs/drift   # a smoke run
+    tapper benchmark drift model=tiny trainer=smoke n_users=4 ~task_overrides results_dir=runs/drift  # smoke run
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from recsys_tapper.users import UserIndex
 
 SMALL = ["model=tiny", "trainer=smoke", "n_users=3", "n_records=6", "n_test=1", "stage1_users=2", "per_user=2",
          "trainer.stage1_examples=4", "trainer.stage1.batch_size=4", "trainer.stage2.batch_size=4",
-         "trainer.eval_max_new_tokens=4"]
+         "trainer.eval_max_new_tokens=4", "~task_overrides"]  # the tiny model has 2 layers, not 24+
 
 
 def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
@@ -173,23 +173,25 @@ def test_task_overrides_set_one_tasks_stage2_budget_and_refuse_what_rows_share()
     from recsys_tapper.drift_benchmark import check_drift_config, row_settings, task_config
     from recsys_tapper.errors import InputError
 
-    cfg = drift_config(["+task_overrides.rating.per_user=5", "+task_overrides.rating.trainer.stage2.epochs=5",
+    cfg = drift_config(["task_overrides.rating.per_user=5", "+task_overrides.rating.trainer.stage2.epochs=5",
                         "per_user=null"])
     rating, tagging = task_config(cfg, "rating"), task_config(cfg, "tagging")
     assert (rating.per_user, rating.trainer.stage2_per_user, rating.trainer.stage2.epochs) == (5, 5, 5)
     assert (tagging.per_user, tagging.trainer.stage2_per_user) == (None, None)
+    # the defaults (configs/benchmark_drift.yaml): tagging at prefix layer 24, the rest at 28
+    assert (tagging.model.prefix_layer, rating.model.prefix_layer, cfg.model.prefix_layer) == (24, 28, 28)
     assert tagging.trainer.stage2.epochs == cfg.trainer.stage2.epochs == 3
     assert (rating.task.name, tagging.task.name) == ("movielens", "LaMP-2M")
     # the rating rows record the task's budget, so changing it reruns them and nothing else
     assert row_settings(rating, "tapper", "rating")["per_user"] == 5
     assert row_settings(tagging, "tapper", "tagging")["per_user"] is None
     # the estimate follows the override: 100 users x 18 targets x 3 epochs against 100 x 5 x 5
-    plain = estimate_seconds(drift_config(["tasks=[rating]", "per_user=null"]))["rating"]
-    assert estimate_seconds(drift_config(["tasks=[rating]", "+task_overrides.rating.per_user=5",
+    plain = estimate_seconds(drift_config(["tasks=[rating]", "per_user=null", "task_overrides.rating.per_user=null"]))
+    assert estimate_seconds(drift_config(["tasks=[rating]", "task_overrides.rating.per_user=5",
                                           "+task_overrides.rating.trainer.stage2.epochs=5",
-                                          "per_user=null"]))["rating"] < plain
+                                          "per_user=null"]))["rating"] < plain["rating"]
     for bad, message in [("+task_overrides.rate.per_user=5", r"unknown task\(s\) \['rate'\]"),
-                         ("+task_overrides.rating.per_user=0", "per_user .* must be >= 1"),
+                         ("task_overrides.rating.per_user=0", "per_user .* must be >= 1"),
                          ("+task_overrides.rating.trainer.stage1_examples=5",
                           r"Stage-2 settings only, not \['stage1_examples'\]"),
                          ("+task_overrides.rating.bogus=1", "task_overrides.rating: Key 'bogus' not in")]:
