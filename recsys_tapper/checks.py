@@ -45,6 +45,7 @@ def check_run_config(cfg) -> None:
     if cfg.model.lambda_init not in LAMBDA_INITS:
         raise InputError(f"model.lambda_init {cfg.model.lambda_init!r} is not one of null, data")
     check_readout(cfg.trainer)
+    check_prefix_layer(cfg.model)
     if cfg.data.source == "lamp":
         need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
         _check_lamp_dir(cfg.data.dir, need, f"data.train_split={cfg.data.train_split}, "
@@ -59,6 +60,19 @@ def check_readout(trainer) -> None:
         raise InputError(f"trainer.class_readout {trainer.class_readout!r} is not one of {', '.join(CLASS_READOUTS)}")
     if trainer.label_norm not in LABEL_NORMS:
         raise InputError(f"trainer.label_norm {trainer.label_norm!r} is not one of {', '.join(LABEL_NORMS)}")
+
+
+def check_prefix_layer(model) -> None:
+    """``model.prefix_layer`` names a decoder layer of the backbone (0 .. depth - 1), checked before Stage 1
+    rather than when the trunk is built after it."""
+    from llm_bridge.backbone import num_layers
+
+    k, name = model.prefix_layer, model.backbone.name_or_path
+    n = num_layers(name)
+    if k < 0 or (n is not None and k >= n):
+        bound = f"0 .. {n - 1}" if n is not None else ">= 0"
+        raise InputError(f"model.prefix_layer={k} is not a decoder layer of backbone {name!r} "
+                         f"({'depth ' + str(n) if n is not None else 'depth unknown'}: use {bound})")
 
 
 def _check_lamp_dir(data_dir: str | None, need: list[str], splits: str) -> None:

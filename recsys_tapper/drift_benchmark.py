@@ -49,7 +49,7 @@ from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.baselines.rag import RAG_METHODS, rag_samples
 from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings
 from recsys_tapper.build import build_trunk
-from recsys_tapper.checks import check_readout
+from recsys_tapper.checks import check_prefix_layer, check_readout
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.executors import LocalExecutor
@@ -133,7 +133,11 @@ def check_drift_config(cfg) -> None:
     unknown = [t for t in cfg.task_overrides if t not in DRIFT_TASKS]
     if unknown:
         raise InputError(f"task_overrides names unknown task(s) {unknown}; tasks: {list(DRIFT_TASKS)}")
-    for c in [cfg, *(task_config(cfg, t) for t in cfg.task_overrides)]:
+    for where, c in [("", cfg), *((f"task_overrides.{t}: ", task_config(cfg, t)) for t in cfg.task_overrides)]:
+        try:
+            check_prefix_layer(c.model)
+        except InputError as e:  # e.g. the defaults' tagging layer 24 under model=tiny (2 layers)
+            raise InputError(f"{where}{e}") from None
         per_user = 1 if c.per_user is None else c.per_user
         if min(c.n_users, c.n_records - 1, c.n_test, c.stage1_users, per_user) < 1:
             raise InputError("n_users, n_test, stage1_users and per_user (or null: every record) must be >= 1, "

@@ -194,7 +194,10 @@ def test_task_overrides_set_one_tasks_stage2_budget_and_refuse_what_rows_share()
                          ("task_overrides.rating.per_user=0", "per_user .* must be >= 1"),
                          ("+task_overrides.rating.trainer.stage1_examples=5",
                           r"Stage-2 settings only, not \['stage1_examples'\]"),
-                         ("+task_overrides.rating.bogus=1", "task_overrides.rating: Key 'bogus' not in")]:
+                         ("+task_overrides.rating.bogus=1", "task_overrides.rating: Key 'bogus' not in"),
+                         # before Stage 1, not when the trunk is built: the tiny model has 2 decoder layers
+                         ("model=tiny", (r"task_overrides.tagging: model.prefix_layer=24 is not a decoder layer of "
+                                         r"backbone 'tiny-random-llama' \(depth 2: use 0 .. 1\)"))]:
         with pytest.raises(InputError, match=message):
             check_drift_config(drift_config([bad]))
 

@@ -95,6 +95,9 @@ DEMO_CASES = {
                                 "trainer.table_optimizer 'adam' is not one of adamw, rowwise_adagrad, adagrad, sgd"),
     "unknown_label_norm": (_dev_case(_good_dev()), ["trainer.label_norm=max"],
                            "trainer.label_norm 'max' is not one of mean, sum"),
+    "prefix_layer_past_depth": (_dev_case(_good_dev()), ["model.prefix_layer=2"],
+                                ("model.prefix_layer=2 is not a decoder layer of backbone 'tiny-random-llama' "
+                                 "(depth 2: use 0 .. 1)")),
 }
 
 
