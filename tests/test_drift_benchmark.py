@@ -15,7 +15,7 @@ from recsys_tapper.users import UserIndex
 
 SMALL = ["model=tiny", "trainer=smoke", "n_users=3", "n_records=6", "n_test=1", "stage1_users=2", "per_user=2",
          "trainer.stage1_examples=4", "trainer.stage1.batch_size=4", "trainer.stage2.batch_size=4",
-         "trainer.eval_max_new_tokens=4", "~task_overrides"]  # the tiny model has 2 layers, not 24+
+         "trainer.eval_max_new_tokens=4", "~task_overrides"]  # the tiny model has 2 layers, not 20+
 
 
 def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
@@ -178,8 +178,8 @@ def test_task_overrides_set_one_tasks_stage2_budget_and_refuse_what_rows_share()
     rating, tagging = task_config(cfg, "rating"), task_config(cfg, "tagging")
     assert (rating.per_user, rating.trainer.stage2_per_user, rating.trainer.stage2.epochs) == (5, 5, 5)
     assert (tagging.per_user, tagging.trainer.stage2_per_user) == (None, None)
-    # the defaults (configs/benchmark_drift.yaml): tagging at prefix layer 24, the rest at 28
-    assert (tagging.model.prefix_layer, rating.model.prefix_layer, cfg.model.prefix_layer) == (24, 28, 28)
+    # the defaults (configs/benchmark_drift.yaml): tagging at prefix layer 20, the rest at 28
+    assert (tagging.model.prefix_layer, rating.model.prefix_layer, cfg.model.prefix_layer) == (20, 28, 28)
     assert tagging.trainer.stage2.epochs == cfg.trainer.stage2.epochs == 3
     assert (rating.task.name, tagging.task.name) == ("movielens", "LaMP-2M")
     # the rating rows record the task's budget, so changing it reruns them and nothing else
@@ -196,7 +196,7 @@ def test_task_overrides_set_one_tasks_stage2_budget_and_refuse_what_rows_share()
                           r"Stage-2 settings only, not \['stage1_examples'\]"),
                          ("+task_overrides.rating.bogus=1", "task_overrides.rating: Key 'bogus' not in"),
                          # before Stage 1, not when the trunk is built: the tiny model has 2 decoder layers
-                         ("model=tiny", (r"task_overrides.tagging: model.prefix_layer=24 is not a decoder layer of "
+                         ("model=tiny", (r"task_overrides.tagging: model.prefix_layer=20 is not a decoder layer of "
                                          r"backbone 'tiny-random-llama' \(depth 2: use 0 .. 1\)"))]:
         with pytest.raises(InputError, match=message):
             check_drift_config(drift_config([bad]))
