@@ -136,7 +136,7 @@ def check_drift_config(cfg) -> None:
     for where, c in [("", cfg), *((f"task_overrides.{t}: ", task_config(cfg, t)) for t in cfg.task_overrides)]:
         try:
             check_prefix_layer(c.model)
-        except InputError as e:  # e.g. the defaults' tagging layer 24 under model=tiny (2 layers)
+        except InputError as e:  # e.g. the defaults' tagging layer 20 under model=tiny (2 layers)
             raise InputError(f"{where}{e}") from None
         per_user = 1 if c.per_user is None else c.per_user
         if min(c.n_users, c.n_records - 1, c.n_test, c.stage1_users, per_user) < 1:
