@@ -132,6 +132,19 @@ def test_per_user_null_trains_on_every_profile_record_after_the_first():
     assert full > with_5
 
 
+def test_estimate_follows_the_prefix_layer():
+    """Stage 2 runs the layers above the prefix layer: layer 20 costs 10 layers' time, layer 28 two."""
+    def stage2_s(layer: int) -> float:
+        base = ["tasks=[rating]", "fractions=[0.5]", f"+task_overrides.rating.model.prefix_layer={layer}"]
+        with_tapper = estimate_seconds(drift_config([*base, "methods=[tapper]"]))["rating"]
+        return with_tapper - estimate_seconds(drift_config([*base, "methods=[non_personalized]"]))["rating"]
+
+    # the tapper row's own cost: prefill + dev/test scoring (the same at every layer) + Stage 2 (10 vs 2 layers)
+    assert stage2_s(20) - stage2_s(28) == pytest.approx(
+        100 * 5 * 3 * (drift_benchmark.COST_S["train_layer"] + drift_benchmark.COST_S["train_layer_token"] * 25)
+        * (10 - 2))
+
+
 def test_unknown_names_fail_before_any_work(tmp_path):
     from recsys_tapper.errors import InputError
 
