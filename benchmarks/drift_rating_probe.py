@@ -7,10 +7,11 @@ user's current taste for the film's genre, which flipped sign at the drift point
 to the history records of the query's genre and (2) prefer the recent ones among them.
 
 For each fraction f, on the validation draw (``trainer.seed=1``, 5 test queries per user, the drift defaults'
-record vectors: mean input embedding of the record text + 1.0 x that of its rating), two models are trained
-exactly like Stage 2's P_q path (every profile record after the first a target, its history the records
-before it, batch 8, 3 epochs as in Stage 2 and 30 as well, Adam at the defaults' lr_dense for the scorer and the head and lr_lambda for
-the lambdas, lambdas from N(0, 0.02)), each with a linear head d -> 5 ratings on the pooled context c:
+record vectors: mean input embedding of the record text + 1.0 x that of its rating), three attentions are
+trained like Stage 2's P_q path (every profile record after the first a target, its history the records before
+it, batch 8, Stage 2's 3 epochs and 10x that, Adam at the defaults' lr_dense for the scorer and the head and
+lr_lambda for the lambdas, lambdas from N(0, 0.02)), each with a linear head d -> 5 ratings on the pooled
+context c:
 
 - ``din``: TAP-PER's own ``TimeAwarePooling`` (the paper's DIN scorer and both recency penalties);
 - ``cosine``: the DIN score replaced by beta x cos(q - mean q, h - mean h) (means over the draw's queries and

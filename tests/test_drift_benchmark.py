@@ -140,9 +140,10 @@ def test_estimate_follows_the_prefix_layer():
         return with_tapper - estimate_seconds(drift_config([*base, "methods=[non_personalized]"]))["rating"]
 
     # the tapper row's own cost: prefill + dev/test scoring (the same at every layer) + Stage 2 (10 vs 2 layers)
+    prompt, answer = drift_benchmark.TOKENS["rating"][:2]  # 24 + 1 tokens
+    cost = drift_benchmark.COST_S
     assert stage2_s(20) - stage2_s(28) == pytest.approx(
-        100 * 5 * 3 * (drift_benchmark.COST_S["train_layer"] + drift_benchmark.COST_S["train_layer_token"] * 25)
-        * (10 - 2))
+        100 * 5 * 3 * (cost["train_layer"] + cost["train_layer_token"] * (prompt + answer)) * (10 - 2))
 
 
 def test_unknown_names_fail_before_any_work(tmp_path):
