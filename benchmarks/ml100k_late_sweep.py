@@ -6,6 +6,8 @@ validation ratings, which come after every Stage-2 target) with all three readou
 cached task LoRA when present, else trained the same way. One Stage 1 and one trunk cache serve every setting.
 
     python benchmarks/ml100k_late_sweep.py --users 300 --settings late_mf_item late_item late_mf
+    python benchmarks/ml100k_late_sweep.py --users 200 --settings late_mf_item late_mf_item_label \
+        late_mf_item_pq_only --out benchmarks/results/ml100k_late_sweep_label.json
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from embeddings.record_bank import RecordBank
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.build import build_trunk
 from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.features import FeatureBuilder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage2
 from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
@@ -42,6 +46,12 @@ SETTINGS: dict[str, dict] = {
     "late_mf_item_k26": {"model": {"prefix_layer": 26, "warm_start": "mf", "item_dim": 33}},
     "late_mf_item_lr1e-2": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33},
                             "trainer": {"lr_dense": 1e-2}},
+    # label-aware record vectors (issue 11, 3): h_j = mean_emb(record text) + 1.0 x mean_emb(its rating)
+    "late_mf_item_label": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
+                                     "record_label_weight": 1.0}},
+    # P_q alone, no P_u row (the table's tapper_pq_only beside the default, here on dev queries)
+    "late_mf_item_pq_only": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
+                                       "projector": {"use_user_state": False}}},
 }
 
 
@@ -69,10 +79,11 @@ def main() -> None:
     cache = REPO / "benchmarks/results/ml100k_stage1_lora.safetensors"
     lm, _, fb, _ = stage1_model(cfg, train, train + test, users_all, cache, 0.0 if cache.exists() else None)
     task = get_task(cfg.task.name)
-    trunks = {}
+    trunks, fbs = {}, {cfg.model.record_label_weight: fb}
     for name in args.settings:
         vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), SETTINGS[name]))
         vcfg.trainer.stage2_per_user = None
+        fb = fbs.get(vcfg.model.record_label_weight) or label_features(fbs, vcfg, train + test)
         key = (vcfg.model.prefix_layer, vcfg.model.item_dim is not None)
         if key not in trunks:
             trunks[key] = build_trunk(vcfg.model, lm, {"stage1": load_stage1(cache)})
@@ -97,6 +108,17 @@ def main() -> None:
                                                  if isinstance(v, float)}), flush=True)
         atomic_write_text(out_path, json.dumps(result, indent=2))
         model.lm.unload()
+
+
+def label_features(fbs: dict, vcfg, register: list) -> FeatureBuilder:
+    """A feature builder whose record vectors carry ``vcfg.model.record_label_weight`` x the label's embedding
+    (same tokenizer, encoder and users as the first one; a bank of its own)."""
+    fb0 = next(iter(fbs.values()))
+    fb = FeatureBuilder(fb0.tok, fb0.encoder, fb0.task, RecordBank(fb0.bank.d), fb0.users, vcfg.model.max_prompt_tokens,
+                        vcfg.model.max_history, label_weight=vcfg.model.record_label_weight)
+    fb.register(register, progress=True)
+    fbs[vcfg.model.record_label_weight] = fb
+    return fb
 
 
 def load_stage1(path: Path) -> object:
