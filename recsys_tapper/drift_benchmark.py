@@ -275,7 +275,7 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
             raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
                              "pass results_dir=<another folder> for a new table, or resume=false to replace it")
         result = old
-    keys = ("command", "git_sha", "date")
+    keys = ("command", "git_sha", "date", "machine")
     result.update(meta, settings=settings, runs=[*result.get("runs", []), {k: meta[k] for k in keys}],
                   estimate_s=est, tasks=cfg.tasks, fractions=cfg.fractions, methods=cfg.methods)
 
@@ -357,7 +357,8 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 "drift_at": drift_point(tcfg.n_records, tcfg.n_test, True, frac), **rep, **extra,
                 "n_users": len(users), "n_queries": len(test_samples), "train_s": train_s, "eval_s": eval_s,
                 "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name, task),
-                "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"]}
+                "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"],
+                "machine": meta["machine"]}  # a resumed table's rows can come from several machines
             save()
             metric = DRIFT_TASKS[task][2]
             print(f"[drift] {task} f={frac:g} {name}: {metric} {rep.get(metric, float('nan')):.3f}", flush=True)

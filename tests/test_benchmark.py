@@ -141,3 +141,26 @@ def test_late_prefix_settings_decide_reuse():
     other.paper_per_user = 4
     assert method_settings(cfg, "tapper_paper") != method_settings(other, "tapper_paper")
     assert method_settings(cfg, "tapper") == method_settings(other, "tapper")
+
+
+def test_refit_row_trains_on_every_rating_before_the_test_period_and_never_on_a_test_gold():
+    import pandas as pd
+
+    from recsys_tapper.benchmark import REFIT, stage2_examples
+    from recsys_tapper.data.movielens import split_movielens
+
+    ratings = pd.DataFrame([(u, i, 1 + (u + i) % 5, 1000 * i + u) for u in (1, 2) for i in range(1, 14)],
+                           columns=["user_id", "item_id", "rating", "timestamp"])
+    items = pd.DataFrame([(i, f"Film {i}", 1990, "Drama") for i in range(1, 14)],
+                         columns=["item_id", "title", "year", "genres"])
+    split = split_movielens(ratings, items, n_test=5, n_val=5)
+    dev, test = split["dev"], split["test"]
+    seen = {name: {r.id for ex in stage2_examples(name, dev, test) for r in ex.profile} for name in ("tapper", "tapper_refit")}
+    dev_ids, test_ids = {ex.id for ex in dev}, {ex.id for ex in test}
+    assert seen["tapper"] == {f"{u}_{i}" for u in (1, 2) for i in (1, 2, 3)}  # the training ratings only
+    assert seen["tapper_refit"] == seen["tapper"] | dev_ids  # + the dev ratings, as the classical rows are fit
+    assert not seen["tapper_refit"] & test_ids and not seen["tapper"] & dev_ids
+    # a refit row is its own row (never reused as the default's), and states its fixed readouts
+    cfg = _cfg()
+    assert method_settings(cfg, "tapper_refit") != method_settings(cfg, "tapper")
+    assert method_settings(cfg, "tapper_refit")["readouts"] == list(REFIT["tapper_refit"]) == ["median", "expected"]

@@ -32,6 +32,7 @@ def test_drift_benchmark_writes_rows_report_and_plot_and_resumes(tmp_path, monke
     assert set(on_disk["rows"]) == expected == set(result["rows"])
     for row in on_disk["rows"].values():
         assert row["n_users"] == 3 and row["n_queries"] == 3
+        assert row["machine"] == on_disk["machine"] == on_disk["runs"][0]["machine"]  # each row says where it ran
         assert row["drift_at"] == {0.5: 3, 0.2: 5}[row["drift_frac"]]  # 6 records: the last 3, the last 1
         if row["task"] == "tagging":
             assert row["metric"] == "accuracy" and row["out_of_label_set_frac"] == 0.0 and row["readout"] == "label_set"
