@@ -53,8 +53,8 @@ from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 
-LLM_METHODS = ["non_personalized", "tapper", "tapper_refit", "tapper_paper", "tapper_no_time", "tapper_pq_only", "tapper_pu_only",
-               "tapper_no_warm_start", "tapper_no_item", "rag_recency_k4", "rag_bm25_k4", "oppu"]
+LLM_METHODS = ["non_personalized", "tapper", "tapper_refit", "tapper_paper", "tapper_no_time", "tapper_pq_only",
+               "tapper_pu_only", "tapper_no_warm_start", "tapper_no_item", "rag_recency_k4", "rag_bm25_k4", "oppu"]
 CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
 METHOD_NAMES = CLASSICAL_METHODS + LLM_METHODS
 
