@@ -226,9 +226,9 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
                              "pass results_dir=<another folder> for a new table, or resume=false to replace it")
         old["methods"] = reusable_rows(old["methods"], cfg)
         result = {"table_started": old.get("date"), **old}
-    # every invocation that wrote to this table, in order; each row also records its own git_sha and date
-    keys = ("command", "git_sha", "date")
-    runs = result.get("runs") or ([{k: result[k] for k in keys}] if "command" in result else [])
+    # every invocation that wrote to this table, in order; each row also records its own git_sha, date and machine
+    keys = ("command", "git_sha", "date", "machine")
+    runs = result.get("runs") or ([{k: result.get(k) for k in keys}] if "command" in result else [])
     result.update(meta, runs=[*runs, {k: meta[k] for k in keys}], settings=settings,
                   train_examples_per_user=cfg.per_user, epochs=cfg.trainer.stage2.epochs)
     mine: set[str] = set()  # the rows this invocation computes (others' rows are merged in, never overwritten)
@@ -258,7 +258,8 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         for name, rep in run_classical(test, methods=classical, seed=cfg.trainer.seed).items():
             result["methods"][name] = {**rep, "kind": "classical", "params_total_1000_users": rep["params_per_user"] * 1000,
                                        "train_s": rep["fit_s"], "eval_s": rep["predict_s"], "settings": {},
-                                       "git_sha": meta["git_sha"], "date": meta["date"]}
+                                       "git_sha": meta["git_sha"], "date": meta["date"],
+                                       "machine": meta["machine"]}
         save()
     llm = [m for m in todo if m in LLM_METHODS]
     if not llm:
@@ -295,7 +296,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         result["methods"][name] = {**rep, "kind": "llm", "params_per_user": per_user,
                                    "params_total_1000_users": total_1000, "train_s": train_s, "eval_s": eval_s,
                                    **extra, "settings": method_settings(cfg, name), "git_sha": meta["git_sha"],
-                                   "date": meta["date"]}
+                                   "date": meta["date"], "machine": meta["machine"]}
         save()
         print(f"[benchmark] {name}: mae {rep['mae']:.3f} rmse {rep['rmse']:.3f}", flush=True)
 

@@ -164,3 +164,35 @@ def test_refit_row_trains_on_every_rating_before_the_test_period_and_never_on_a_
     cfg = _cfg()
     assert method_settings(cfg, "tapper_refit") != method_settings(cfg, "tapper")
     assert method_settings(cfg, "tapper_refit")["readouts"] == list(REFIT["tapper_refit"]) == ["median", "expected"]
+
+
+def test_rows_and_runs_record_their_machine(tmp_path, monkeypatch):
+    """A table resumed on another machine keeps each row's own: every row and every run records where it ran."""
+    import json
+
+    import pandas as pd
+
+    from recsys_tapper import benchmark as bm
+    from recsys_tapper.data.movielens import split_movielens
+
+    ratings = pd.DataFrame([(u, i, 1 + (u * i) % 5, 1000 * i + u) for u in (1, 2, 3) for i in range(1, 14)],
+                           columns=["user_id", "item_id", "rating", "timestamp"])
+    items = pd.DataFrame([(i, f"Film {i}", 1990, "Drama") for i in range(1, 14)],
+                         columns=["item_id", "title", "year", "genres"])
+    split = split_movielens(ratings, items, n_test=5, n_val=5)
+    monkeypatch.setattr(bm, "load_splits", lambda cfg: (split["dev"], split["test"]))
+    cfg = _cfg()
+    cfg.results_dir, cfg.methods = str(tmp_path), ["global_mean", "user_mean"]
+    bm.benchmark(cfg, command="first")
+    monkeypatch.setattr(bm, "run_meta", lambda command: {**real_meta(command), "machine": {"cpu": "elsewhere"}})
+    cfg.methods, cfg.rerun = ["user_mean"], ["user_mean"]
+    bm.benchmark(cfg, command="second")
+    table = json.loads((tmp_path / "ml100k.json").read_text())
+    assert table["methods"]["global_mean"]["machine"] == table["runs"][0]["machine"] != {"cpu": "elsewhere"}
+    assert table["methods"]["user_mean"]["machine"] == table["runs"][1]["machine"] == {"cpu": "elsewhere"}
+
+
+def real_meta(command: str) -> dict:
+    from recsys_tapper.runmeta import run_meta
+
+    return run_meta(command)
