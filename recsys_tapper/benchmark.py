@@ -229,6 +229,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     # every invocation that wrote to this table, in order; each row also records its own git_sha, date and machine
     keys = ("command", "git_sha", "date", "machine")
     runs = result.get("runs") or ([{k: result.get(k) for k in keys}] if "command" in result else [])
+    stamp = {k: meta[k] for k in ("git_sha", "date", "machine")}  # what every row this invocation writes records
     result.update(meta, runs=[*runs, {k: meta[k] for k in keys}], settings=settings,
                   train_examples_per_user=cfg.per_user, epochs=cfg.trainer.stage2.epochs)
     mine: set[str] = set()  # the rows this invocation computes (others' rows are merged in, never overwritten)
@@ -258,8 +259,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         for name, rep in run_classical(test, methods=classical, seed=cfg.trainer.seed).items():
             result["methods"][name] = {**rep, "kind": "classical", "params_total_1000_users": rep["params_per_user"] * 1000,
                                        "train_s": rep["fit_s"], "eval_s": rep["predict_s"], "settings": {},
-                                       "git_sha": meta["git_sha"], "date": meta["date"],
-                                       "machine": meta["machine"]}
+                                       **stamp}
         save()
     llm = [m for m in todo if m in LLM_METHODS]
     if not llm:
@@ -295,8 +295,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
         rep["pred_counts"] = dict(sorted(Counter(r["pred"] for r in rows).items()))  # how answers spread
         result["methods"][name] = {**rep, "kind": "llm", "params_per_user": per_user,
                                    "params_total_1000_users": total_1000, "train_s": train_s, "eval_s": eval_s,
-                                   **extra, "settings": method_settings(cfg, name), "git_sha": meta["git_sha"],
-                                   "date": meta["date"], "machine": meta["machine"]}
+                                   **extra, "settings": method_settings(cfg, name), **stamp}
         save()
         print(f"[benchmark] {name}: mae {rep['mae']:.3f} rmse {rep['rmse']:.3f}", flush=True)
 

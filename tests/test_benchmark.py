@@ -143,18 +143,24 @@ def test_late_prefix_settings_decide_reuse():
     assert method_settings(cfg, "tapper") == method_settings(other, "tapper")
 
 
-def test_refit_row_trains_on_every_rating_before_the_test_period_and_never_on_a_test_gold():
+def _tiny_movielens(users: tuple[int, ...]) -> tuple[list, list]:
+    """(dev, test) questions of the MovieLens split over 13 ratings per user: 3 training ratings, 5 dev, 5 test."""
     import pandas as pd
 
-    from recsys_tapper.benchmark import REFIT, stage2_examples
     from recsys_tapper.data.movielens import split_movielens
 
-    ratings = pd.DataFrame([(u, i, 1 + (u + i) % 5, 1000 * i + u) for u in (1, 2) for i in range(1, 14)],
+    ratings = pd.DataFrame([(u, i, 1 + (u * i) % 5, 1000 * i + u) for u in users for i in range(1, 14)],
                            columns=["user_id", "item_id", "rating", "timestamp"])
     items = pd.DataFrame([(i, f"Film {i}", 1990, "Drama") for i in range(1, 14)],
                          columns=["item_id", "title", "year", "genres"])
     split = split_movielens(ratings, items, n_test=5, n_val=5)
-    dev, test = split["dev"], split["test"]
+    return split["dev"], split["test"]
+
+
+def test_refit_row_trains_on_every_rating_before_the_test_period_and_never_on_a_test_gold():
+    from recsys_tapper.benchmark import REFIT, stage2_examples
+
+    dev, test = _tiny_movielens(users=(1, 2))
     seen = {name: {r.id for ex in stage2_examples(name, dev, test) for r in ex.profile} for name in ("tapper", "tapper_refit")}
     dev_ids, test_ids = {ex.id for ex in dev}, {ex.id for ex in test}
     assert seen["tapper"] == {f"{u}_{i}" for u in (1, 2) for i in (1, 2, 3)}  # the training ratings only
@@ -170,17 +176,10 @@ def test_rows_and_runs_record_their_machine(tmp_path, monkeypatch):
     """A table resumed on another machine keeps each row's own: every row and every run records where it ran."""
     import json
 
-    import pandas as pd
-
     from recsys_tapper import benchmark as bm
-    from recsys_tapper.data.movielens import split_movielens
 
-    ratings = pd.DataFrame([(u, i, 1 + (u * i) % 5, 1000 * i + u) for u in (1, 2, 3) for i in range(1, 14)],
-                           columns=["user_id", "item_id", "rating", "timestamp"])
-    items = pd.DataFrame([(i, f"Film {i}", 1990, "Drama") for i in range(1, 14)],
-                         columns=["item_id", "title", "year", "genres"])
-    split = split_movielens(ratings, items, n_test=5, n_val=5)
-    monkeypatch.setattr(bm, "load_splits", lambda cfg: (split["dev"], split["test"]))
+    splits = _tiny_movielens(users=(1, 2, 3))
+    monkeypatch.setattr(bm, "load_splits", lambda cfg: splits)
     cfg = _cfg()
     cfg.results_dir, cfg.methods = str(tmp_path), ["global_mean", "user_mean"]
     bm.benchmark(cfg, command="first")
