@@ -2,8 +2,14 @@
 
 For every example b with history records j (jagged, no padding):
 
-    s_j = DIN(q_b, h_j) - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)
+    s_j = DIN(q_b, h_j) - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)  [+ beta * cos(q_b - mu_q, h_j - mu_h)]
     alpha = softmax_j(s)          c_b = sum_j alpha_j h_j
+
+The bracketed content term is off by default (the paper's score). With ``content_beta`` set it adds a learned
+beta (started at ``content_beta``) times the cosine of the centered query and record vectors: attention to the
+records that resemble the question needs no learning, which the DIN does not find in a few epochs when the
+vectors are plain means (``benchmarks/drift_rating_probe.py``). ``mu_q``, ``mu_h`` are buffers set once from
+the training questions and the record bank (:meth:`TimeAwarePooling.set_centers`) and saved with the tower.
 
 History arrives as a ``History`` (``embeddings.history``): record ids in a KeyedJaggedTensor with one key and no
 weights, day gaps beside them in a JaggedTensor with the same lengths; the order gap comes from the lengths:
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from embeddings.history import History, order_gaps
 from embeddings.jagged import segment_ids, segment_softmax, segment_sum, softmax_pool
@@ -40,11 +47,13 @@ class TimeAwarePoolingConfig:
     time_bias: learn and apply lambda_t * log(1 + days).
     order_bias: learn and apply lambda_o * log(1 + position gap).
     interaction_rank: None = the paper's full DIN scorer; k = a rank-k pair interaction.
+    content_beta: None = the paper's score; b = add beta * cos(q - mu_q, h - mu_h) with a learned beta from b.
     """
 
     time_bias: bool = True
     order_bias: bool = True
     interaction_rank: int | None = None
+    content_beta: float | None = None
 
 
 def _rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -67,6 +76,22 @@ class TimeAwarePooling(nn.Module):
         # Learned, shared, unconstrained scalars, N(0, 0.02) as in the paper.
         self.lambda_t = nn.Parameter(torch.randn(()) * 0.02)
         self.lambda_o = nn.Parameter(torch.randn(()) * 0.02)
+        if cfg.content_beta is not None:  # only then: the paper's tower keeps its state-dict names
+            self.beta = nn.Parameter(torch.tensor(float(cfg.content_beta)))
+            self.register_buffer("query_center", torch.zeros(d))  # mu_q (d,)
+            self.register_buffer("record_center", torch.zeros(d))  # mu_h (d,)
+
+    @torch.no_grad()
+    def set_centers(self, queries: torch.Tensor, records: torch.Tensor) -> None:
+        """mu_q, mu_h of the content term: the means of (n, d) question vectors and (R, d) record vectors."""
+        self.query_center.copy_(queries.float().mean(0))
+        self.record_center.copy_(records.float().mean(0))
+
+    def content(self, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        """(T,) beta * cos(q - mu_q, h - mu_h) for (T, d) per-record queries and records; None when off."""
+        if self.cfg.content_beta is None:
+            return None
+        return self.beta * F.cosine_similarity(q.float() - self.query_center, h.float() - self.record_center, dim=-1)
 
     def bias(self, dt: torch.Tensor, dpos: torch.Tensor) -> torch.Tensor:
         """(T,) temporal penalty subtracted from the scores."""
@@ -107,6 +132,9 @@ class TimeAwarePooling(nn.Module):
         qt = self.scorer.query_term(q)[seg]  # (T, d): d^2 per query, not per record
         s = self.scorer.combine(qt, rt, self.scorer.pair_term(q[seg], h))  # (T,)
         s = s - self.bias(history.dt.values(), history.order_gaps())
+        cs = self.content(q[seg], h)
+        if cs is not None:
+            s = s + cs
         alpha = segment_softmax(s, seg, num)  # (T,)
         c = segment_sum(alpha[:, None] * h, seg, num)  # (B, d)
         return c, alpha
@@ -135,6 +163,8 @@ class TimeAwarePooling(nn.Module):
         rt = None if record_terms is None else _rows(record_terms, ids)  # (T, d)
         s = self.scorer.score_jagged(q, h, lengths, rt).float()  # (T,)
         s = s - self.bias(history.dt.values().float(), order_gaps(lengths, ids.numel()))
+        if self.cfg.content_beta is not None:
+            s = s + self.content(q[segment_ids(lengths)], h)
         return softmax_pool(s, h, lengths)
 
     def reference(
@@ -148,5 +178,8 @@ class TimeAwarePooling(nn.Module):
                 out.append(torch.zeros_like(q[b]))
                 continue
             s = self.scorer.reference(q[b].expand_as(h), h) - self.bias(dts[b], dposs[b])
+            if self.cfg.content_beta is not None:
+                qc, hc = q[b] - self.query_center, h - self.record_center
+                s = s + self.beta * (hc @ qc) / (hc.norm(dim=-1) * qc.norm()).clamp_min(1e-8)
             out.append(torch.softmax(s, 0) @ h)
         return torch.stack(out)

@@ -1,7 +1,9 @@
 """The record bank: one frozen vector per history record, computed once and cached.
 
 Rows are keyed by a string (``"{user}/{record id}"``); new records are appended (online updates) and
-existing rows never move, so ids handed out stay valid.
+existing rows never move, so ids handed out stay valid. ``token_weights`` (V,) are the text encoder's token
+weights the vectors were made with (None: plain means, the paper's); records added later and the questions
+scored against them are encoded with the same weights, and they are saved with the bank.
 
 Example::
 
@@ -18,8 +20,9 @@ import torch
 
 
 class RecordBank:
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, token_weights: torch.Tensor | None = None) -> None:
         self.d = d
+        self.token_weights = token_weights  # (V,) or None
         self.keys: list[str] = []
         self.index: dict[str, int] = {}
         self.vectors = torch.zeros(0, d)

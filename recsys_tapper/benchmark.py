@@ -44,7 +44,7 @@ from recsys_tapper.build import build_trunk, prefix_slots
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, rating_report
-from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.features import FeatureBuilder, text_weights
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage1, train_stage2
 from recsys_tapper.model import TapperModel
@@ -158,7 +158,7 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
     t, m = cfg.trainer, cfg.model
     return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
             "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
-            "projector": asdict(m.projector), "pooling": asdict(m.pooling), "user_dim": m.user_dim,
+            "projector": asdict(m.projector), "pooling": pooling_settings(m.pooling), "user_dim": m.user_dim,
             "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history, "prefix_layer": m.prefix_layer,
             "item_dim": m.item_dim, "item_slots": m.item_slots, "warm_start": m.warm_start,
             "warm_start_rank": m.warm_start_rank, "trunk_dtype": m.trunk_dtype,
@@ -167,7 +167,13 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             # only when set, so rows written before these settings existed are still reused
             **({"lr_lambda": t.lr_lambda} if t.lr_lambda is not None else {}),
             **({"lambda_init": m.lambda_init} if m.lambda_init is not None else {}),
-            **({"record_label_weight": m.record_label_weight} if m.record_label_weight else {})}
+            **({"record_label_weight": m.record_label_weight} if m.record_label_weight else {}),
+            **({"text_weighting": m.text_weighting} if m.text_weighting != "mean" else {})}
+
+
+def pooling_settings(pooling) -> dict:
+    """``asdict(pooling)`` without ``content_beta`` while it is off, so rows written before it existed match."""
+    return {k: v for k, v in asdict(pooling).items() if k != "content_beta" or v is not None}
 
 
 def oppu_config(cfg: BenchmarkConfig) -> OppuConfig:
@@ -354,8 +360,10 @@ def stage1_model(cfg: RunConfig, train: list, register: list, users_all: list[st
     cached. Returns (lm, tokenizer, feature builder, stage-1 seconds)."""
     task = get_task(cfg.task.name)
     lm, tok = load_backbone(cfg.model.backbone)
-    fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens), task,
-                        RecordBank(lm.config.hidden_size), UserIndex(users_all), cfg.model.max_prompt_tokens,
+    weights = text_weights(cfg.model.text_weighting, tok, task, register, lm.get_input_embeddings().num_embeddings)
+    fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens, token_weights=weights), task,
+                        RecordBank(lm.config.hidden_size, token_weights=weights), UserIndex(users_all),
+                        cfg.model.max_prompt_tokens,
                         cfg.model.max_history, label_weight=cfg.model.record_label_weight)
     fb.register(register, progress=True)
     if cache.exists() and cached_s is not None:

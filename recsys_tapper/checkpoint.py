@@ -6,7 +6,7 @@ Layout of a model directory::
     bridge_lora.safetensors   Stage-2 bridge LoRA
     tower.safetensors         P_u table + scorer + lambdas (unsharded names)
     projector.safetensors     bridge projector
-    bank.safetensors          record vectors;  bank_keys.json: their keys, row order
+    bank.safetensors          record vectors (+ the encoder's token weights);  bank_keys.json: their keys, row order
     users.json                user ids in table-row order
     histories.parquet         every user's visible history: user_id, record_id, fields (JSON), date (days)
     config.json               the resolved RunConfig
@@ -89,7 +89,7 @@ def save_model(
         _save_tensors(out / "items.safetensors", model.items.state_dict())
         atomic_write_text(out / "items.json", json.dumps(model.item_index.ids))
         files = FILES + ITEM_FILES
-    _save_tensors(out / "bank.safetensors", {"vectors": bank.vectors})
+    _save_tensors(out / "bank.safetensors", bank_tensors(bank))
     atomic_write_text(out / "bank_keys.json", json.dumps(bank.keys))
     atomic_write_text(out / "users.json", json.dumps(users.ids))
     atomic_write_text(out / "config.json", json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
@@ -101,6 +101,13 @@ def save_model(
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return out
+
+
+def bank_tensors(bank: RecordBank) -> dict[str, torch.Tensor]:
+    """What ``bank.safetensors`` holds: the record vectors and, when they were made with token weights
+    (``model.text_weighting=sif``), those weights, so that new records and questions are encoded the same way."""
+    extra = {} if bank.token_weights is None else {"token_weights": bank.token_weights}
+    return {"vectors": bank.vectors, **extra}
 
 
 def write_histories(path: Path, examples: list[LampExample]) -> None:
@@ -173,8 +180,9 @@ def load_model(path: str | Path, allow_fingerprint_mismatch: bool = False):
     set_peft_model_state_dict(lm, load_file(path / "bridge_lora.safetensors"))
     users = UserIndex(json.loads((path / "users.json").read_text()))
     items = UserIndex(json.loads((path / "items.json").read_text())) if (path / "items.json").exists() else None
-    bank = RecordBank(lm.config.hidden_size)
-    bank.add(json.loads((path / "bank_keys.json").read_text()), load_file(path / "bank.safetensors")["vectors"])
+    saved_bank = load_file(path / "bank.safetensors")
+    bank = RecordBank(lm.config.hidden_size, token_weights=saved_bank.get("token_weights"))
+    bank.add(json.loads((path / "bank_keys.json").read_text()), saved_bank["vectors"])
     model = build_tapper(cfg.model, lm, len(users), len(items or ()), trunk, bank)
     if model.items is not None:
         model.items.load_state_dict(load_file(path / "items.safetensors"))

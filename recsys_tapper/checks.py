@@ -46,6 +46,9 @@ def check_run_config(cfg) -> None:
         raise InputError(f"model.lambda_init {cfg.model.lambda_init!r} is not one of null, data")
     check_readout(cfg.trainer)
     check_prefix_layer(cfg.model)
+    from recsys_tapper.features import check_text_weighting
+
+    check_text_weighting(cfg.model.text_weighting)
     if cfg.data.source == "lamp":
         need = lamp_files(cfg.data.train_split, cfg.data.test_split, task.input_template is None)
         _check_lamp_dir(cfg.data.dir, need, f"data.train_split={cfg.data.train_split}, "

@@ -37,6 +37,9 @@ class ModelConfig:
         fitted on the Stage-2 training ratings only; user_dim and item_dim are then ``warm_start_rank + 1``.
     record_label_weight: w in h_j = mean_emb(record text) + w·mean_emb(label) (``FeatureBuilder.record_vectors``);
         0 = the paper's record vector, where the label is one or two tokens of the record's ~25.
+    text_weighting: how record and question vectors weigh their tokens: ``mean`` (the paper's plain mean) or
+        ``sif`` (smooth-inverse-frequency weights fitted on the training records' texts, saved with the bank;
+        ``recsys_tapper.features.text_weights``), with which ``pooling.content_beta`` can tell a record's topic.
     lambda_init: None = the paper's N(0, 0.02) start of lambda_t, lambda_o; ``data`` = the recency prior that best
         predicts each Stage-2 target's answer from its history's answers (``recsys_tapper.recency_prior``).
     """
@@ -62,6 +65,7 @@ class ModelConfig:
     warm_start_rank: int = 32
     lambda_init: str | None = None
     record_label_weight: float = 0.0
+    text_weighting: str = "mean"
 
 
 LAMBDA_INITS = (None, "data")

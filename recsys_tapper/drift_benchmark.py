@@ -53,7 +53,7 @@ from recsys_tapper.checks import check_prefix_layer, check_readout
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.executors import LocalExecutor
-from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.features import FeatureBuilder, check_text_weighting, text_weights
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import score, train_stage1, train_stage2
 from recsys_tapper.model import TapperModel, lambda_report
@@ -140,6 +140,7 @@ def check_drift_config(cfg) -> None:
     for where, c in [("", cfg), *((f"task_overrides.{t}: ", task_config(cfg, t)) for t in cfg.task_overrides)]:
         try:
             check_prefix_layer(c.model)
+            check_text_weighting(c.model.text_weighting)
         except InputError as e:  # e.g. the defaults' tagging layer 20 under model=tiny (2 layers)
             raise InputError(f"{where}{e}") from None
         per_user = 1 if c.per_user is None else c.per_user
@@ -324,8 +325,10 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
         train, test = drift_splits(tcfg, task, frac)
         _, test, trainees, train_chosen = personal_splits(train, test, None, spec)
         users = UserIndex(trainees)
-        fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens), spec,
-                            RecordBank(lm.config.hidden_size), users, tcfg.model.max_prompt_tokens,
+        weights = text_weights(tcfg.model.text_weighting, tok, spec, train_chosen + test,
+                               lm.get_input_embeddings().num_embeddings)
+        fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens, token_weights=weights), spec,
+                            RecordBank(lm.config.hidden_size, token_weights=weights), users, tcfg.model.max_prompt_tokens,
                             tcfg.model.max_history, label_weight=tcfg.model.record_label_weight)
         fb.register(train_chosen + test)
         test_samples = fb.question_samples(test)

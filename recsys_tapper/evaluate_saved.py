@@ -142,7 +142,7 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
         raise InputError(f"{questions}: no question to score")
 
     model, tok, users, bank, saved = load_model(cfg.model_dir, cfg.allow_fingerprint_mismatch)
-    encoder = TextEncoder(model.lm, tok, saved.model.max_record_tokens)
+    encoder = TextEncoder(model.lm, tok, saved.model.max_record_tokens, token_weights=bank.token_weights)
     fb = FeatureBuilder(tok, encoder, task, bank, users, saved.model.max_prompt_tokens, saved.model.max_history,
                         items=model.item_index, label_weight=saved.model.record_label_weight)
     n_new_records = fb.register(examples, progress=True)  # unseen users' (and new) records, in memory only

@@ -6,7 +6,8 @@
 For every history record j of the query (jagged row of one example, time order):
 
     din_j     = DIN(q, h_j)                                   the scorer, before the penalties
-    score_j   = din_j - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)
+    score_j   = din_j - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)  [+ content_j]
+    content_j = beta * cos(q - mu_q, h_j - mu_h)                only with ``model.pooling.content_beta`` set
     alpha_j   = softmax_j(score_j)                            read from the user tower itself
 
 ``alpha`` is the tower's own output (``model.tower(...)``, the inference path serving runs); ``din`` comes
@@ -88,7 +89,9 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     h = bank[ids]  # (T, d)
     din = pool.scorer(batch.q.expand(len(ids), -1), h).float() if len(ids) else torch.zeros(0)  # (T,)
     pen_t, pen_o = _bias(pool.cfg.time_bias, lam_t, dt), _bias(pool.cfg.order_bias, lam_o, dpos)
-    score = din - pen_t - pen_o  # (T,)
+    content = pool.content(batch.q.expand(len(ids), -1), h) if len(ids) else None  # (T,) or None: off
+    content = torch.zeros(len(ids)) if content is None else content.detach().float()
+    score = din - pen_t - pen_o + content  # (T,)
     check = float((torch.softmax(score, 0) - alpha.float()).abs().max()) if len(ids) else 0.0
 
     labels = list(server.task.labels)
@@ -107,7 +110,7 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
     records = [{"record_id": r.id, "text": server.task.record_text(r.fields), "label": r.fields.get(out_field),
                 "date": None if r.date is None else format_date(r.date), "days_before_query": float(dt[j]),
                 "position_gap": float(dpos[j]), "din_score": float(din[j]), "time_penalty": float(pen_t[j]),
-                "order_penalty": float(pen_o[j]), "score": float(score[j]), "alpha": float(alpha[j])}
+                "order_penalty": float(pen_o[j]), "content_score": float(content[j]), "score": float(score[j]), "alpha": float(alpha[j])}
                for j, r in enumerate(recs)]
     order = sorted(range(len(records)), key=lambda j: -records[j]["alpha"])
     max_days = max([1.0, *(float(x) for x in dt)])
@@ -129,8 +132,10 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
         "lambda_o": lam_o,
         "time_bias": pool.cfg.time_bias,
         "order_bias": pool.cfg.order_bias,
-        "formula": "score = din - lambda_t*log(1+days_before_query) - lambda_o*log(1+position_gap); "
-                   "alpha = softmax(score)",
+        "formula": "score = din - lambda_t*log(1+days_before_query) - lambda_o*log(1+position_gap)"
+                   + (" + beta*cos(q - mu_q, h - mu_h)" if pool.cfg.content_beta is not None else "")
+                   + "; alpha = softmax(score)",
+        **({"beta": float(pool.beta)} if pool.cfg.content_beta is not None else {}),
         "alpha_check_max_abs": check,
         "alpha_entropy": ent,
         "effective_records": math.exp(ent) if records else 0.0,

@@ -26,9 +26,10 @@ from embeddings.record_bank import RecordBank
 from embeddings.user_state import user_kjt
 
 ITEM_ID = "item_id"
-from llm_bridge.encoder import TextEncoder
+from llm_bridge.encoder import TextEncoder, sif_weights
 from llm_bridge.inject import IGNORE
 from recsys_tapper.data import LampExample
+from recsys_tapper.errors import InputError
 from recsys_tapper.tasks import RATING, Task
 from recsys_tapper.users import UserIndex
 
@@ -69,6 +70,30 @@ class Batch:
         return Batch(self.ids, mv(self.users), mv(self.history), mv(self.q), mv(self.input_ids),
                      mv(self.attention_mask), mv(self.labels), mv(self.last_prompt), self.answers, self.cold,
                      mv(self.items), mv(self.extra_records))
+
+
+TEXT_WEIGHTINGS = ("mean", "sif")
+SIF_A = 1e-3  # the smooth-inverse-frequency constant (Arora et al. 2017's default)
+
+
+def check_text_weighting(weighting: str) -> None:
+    if weighting not in TEXT_WEIGHTINGS:
+        raise InputError(f"model.text_weighting {weighting!r} is not one of {', '.join(TEXT_WEIGHTINGS)}")
+
+
+def text_weights(weighting: str, tokenizer, task: Task, examples: Sequence[LampExample],
+                 vocab_size: int) -> torch.Tensor | None:
+    """(V,) token weights of the record and question vectors (``model.text_weighting``), or None.
+
+    ``mean``: None, the paper's plain mean. ``sif``: smooth-inverse-frequency weights a / (a + p(t)) fitted on
+    the examples' profile record texts (history only; no question or answer is read), so that the rare tokens
+    that tell records apart (a film's genre) outweigh the template every record shares.
+    """
+    check_text_weighting(weighting)
+    if weighting == "mean":
+        return None
+    texts = [task.record_text(r.fields) for ex in examples for r in ex.profile]
+    return sif_weights(tokenizer, texts, vocab_size, SIF_A)
 
 
 def record_key(user: str, record_id: str) -> str:

@@ -43,7 +43,7 @@ from recsys_tapper.data import LampExample, write_predictions
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, predict_texts, task_report
 from recsys_tapper.executors import Executor, LocalExecutor
-from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.features import FeatureBuilder, text_weights
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.label_scoring import class_report, classify_rows
 from recsys_tapper.model import TapperModel, lambda_report
@@ -134,6 +134,8 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     if m.lambda_init == "data":  # every rank fits the same prior from the same samples
         init_lambdas(pool, s2, record_answers(train, fb), fb.task)
     model.lambda_start = {"lambda_t": pool.lambda_t.item(), "lambda_o": pool.lambda_o.item()}
+    if m.pooling.content_beta is not None:  # the content term's centers: the training questions, the bank
+        pool.set_centers(fb.encoder.encode([s.question for s in s2]), fb.bank.vectors)
     prefill_trunk(trunk, fb, s2, with_labels=True)
     lambdas = [pool.lambda_t, pool.lambda_o]
     dense = [p for p in pool.parameters() if t.lr_lambda is None or all(p is not q for q in lambdas)]
@@ -204,10 +206,12 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
     out = Path(ex.agree(cfg.out_dir))  # one run directory per job, whatever each rank resolved
 
     lm, tok = load_backbone(cfg.model.backbone)
-    encoder = TextEncoder(ex.encoder_view(lm), tok, cfg.model.max_record_tokens)
+    weights = text_weights(cfg.model.text_weighting, tok, task, train_chosen + test,
+                           lm.get_input_embeddings().num_embeddings)  # None: the paper's plain means
+    encoder = TextEncoder(ex.encoder_view(lm), tok, cfg.model.max_record_tokens, token_weights=weights)
     lm = ex.place(lm)
     users = UserIndex(trainees)
-    fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size), users,
+    fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size, token_weights=weights), users,
                         cfg.model.max_prompt_tokens, cfg.model.max_history, label_weight=cfg.model.record_label_weight)
     fb.register(train_chosen + test, progress=ex.is_main)
     test_samples = fb.question_samples(test)

@@ -211,12 +211,15 @@ class TapperModel(nn.Module):
 
 
 def lambda_report(model: TapperModel) -> dict:
-    """lambda_t, lambda_o after Stage 2, where Stage 2 started them (``*_start``) and whether each bias is on."""
+    """lambda_t, lambda_o after Stage 2, where Stage 2 started them (``*_start``) and whether each bias is on;
+    with the content term, its beta and where it started (``model.pooling.content_beta``)."""
     pool = model.tower.pooling
     start = getattr(model, "lambda_start", {})
+    content = ({"beta": pool.beta.detach().item(), "beta_start": pool.cfg.content_beta}
+               if pool.cfg.content_beta is not None else {})
     return {"lambda_t": pool.lambda_t.detach().item(), "lambda_o": pool.lambda_o.detach().item(),
             **{f"{k}_start": v for k, v in start.items()},
-            "time_bias": pool.cfg.time_bias, "order_bias": pool.cfg.order_bias}
+            "time_bias": pool.cfg.time_bias, "order_bias": pool.cfg.order_bias, **content}
 
 
 def train_module(model: nn.Module) -> nn.Module:

@@ -89,7 +89,8 @@ class Server:
         self.task = get_task(self.cfg.task.name)
         if not self.task.labels:
             raise NotImplementedError(f"serving scores label tasks; {self.task.name} is {self.task.kind}")
-        self.encoder = TextEncoder(self.model.lm, self.tok, self.cfg.model.max_record_tokens)
+        self.encoder = TextEncoder(self.model.lm, self.tok, self.cfg.model.max_record_tokens,
+                                   token_weights=self.bank.token_weights)  # as the training job encoded
         self.fb = FeatureBuilder(self.tok, self.encoder, self.task, self.bank, self.users,
                                  self.cfg.model.max_prompt_tokens, self.cfg.model.max_history,
                                  items=self.model.item_index, label_weight=self.cfg.model.record_label_weight)

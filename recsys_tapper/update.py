@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from embeddings.user_state import UserStateConfig, UserStateTable
-from recsys_tapper.checkpoint import HISTORY_SCHEMA, read_histories, rewrite_model_files
+from recsys_tapper.checkpoint import HISTORY_SCHEMA, bank_tensors, read_histories, rewrite_model_files
 from recsys_tapper.data import LampExample, ProfileRecord
 from recsys_tapper.events import validate_events
 from recsys_tapper.features import FeatureBuilder, Sample, record_key
@@ -146,7 +146,7 @@ def update_model(
     model.tower.table = grow_table(model.tower.table, len(users), seed=seed)
 
     # Record bank and histories.
-    encoder = TextEncoder(model.lm, tok, cfg.model.max_record_tokens)
+    encoder = TextEncoder(model.lm, tok, cfg.model.max_record_tokens, token_weights=bank.token_weights)
     fb = FeatureBuilder(tok, encoder, task, bank, users, cfg.model.max_prompt_tokens, cfg.model.max_history,
                         label_weight=cfg.model.record_label_weight)
     keys = [record_key(e.user_id, e.record_id) for e in good]
@@ -183,7 +183,7 @@ def update_model(
         "tower.safetensors": st_save(tower_state),
         "users.json": json.dumps(users.ids).encode(),
         "histories.parquet": _histories_bytes(histories),
-        "bank.safetensors": st_save({"vectors": bank.vectors.contiguous()}),
+        "bank.safetensors": st_save({k: v.contiguous() for k, v in bank_tensors(bank).items()}),
         "bank_keys.json": json.dumps(bank.keys).encode(),
     })
     t["write"] = time.perf_counter()

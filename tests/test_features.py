@@ -5,6 +5,8 @@ The tiny tokenizer maps each character c to ``2 + ord(c) % 126`` (pad 0, EOS 1),
 here from the strings alone.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -145,3 +147,25 @@ def test_record_label_weight_adds_the_label_embedding_to_the_record_vector():
     text = "description: a cat tag: drama"  # the LaMP-2M record text: 29 characters, 5 "a"
     torch.testing.assert_close(vectors[0.0], torch.tensor([float(len(text)), 5.0]))
     torch.testing.assert_close(vectors[2.0], torch.tensor([29.0 + 2 * 5, 5.0 + 2 * 2]))  # + 2 x "drama"
+
+
+def test_text_weighting_is_checked_and_sif_weights_come_from_profile_records_only():
+    from recsys_tapper.data import LampExample, ProfileRecord
+    from recsys_tapper.errors import InputError
+    from recsys_tapper.features import text_weights
+
+    class Tok:  # one id per character
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+    task = get_task("movielens")
+    ex = LampExample("q1", "u", "Rate: zzzz", (ProfileRecord("r1", {"text": "ab", "score": "5"}, 1.0),), output="4")
+    with pytest.raises(InputError, match="model.text_weighting 'tfidf' is not one of mean, sif"):
+        text_weights("tfidf", Tok(), task, [ex], 256)
+    assert text_weights("mean", Tok(), task, [ex], 256) is None
+    w = text_weights("sif", Tok(), task, [ex], 256)
+    text = task.record_text(ex.profile[0].fields)  # "ab rating: 5"
+    counts = {c: text.count(c) for c in text}
+    for c, n in counts.items():
+        assert math.isclose(float(w[ord(c)]), 1e-3 / (1e-3 + n / len(text)), rel_tol=1e-5)
+    assert float(w[ord("z")]) == 1.0  # the question's characters are not counted

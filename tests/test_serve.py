@@ -164,3 +164,54 @@ def test_a_classification_model_is_served_by_label_set_scoring(tmp_path, norm):
         torch.testing.assert_close(torch.tensor(list(got["probs"].values())), torch.softmax(scores, 0))
         checked += 1
     assert checked == len(saved) == 6  # 3 users x 2 test questions
+
+
+def test_a_sif_content_model_is_served_and_explained_as_trained(tmp_path):
+    """model.text_weighting=sif + model.pooling.content_beta: the token weights the job fitted on the training
+    records travel with the bank, so the server encodes questions and new records as the job did (its
+    evaluation predictions are reproduced); the pooling's centers are the job's means; explain's content column
+    is beta * cos by hand."""
+    from recsys_tapper.explain import explain
+    from recsys_tapper.features import text_weights
+    from recsys_tapper.job import run
+    from recsys_tapper.pipeline import personal_splits
+    from recsys_tapper.synthetic import synthetic_rating_task
+    from recsys_tapper.tasks import get_task
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.text_weighting = "sif"
+    cfg.model.pooling.content_beta = 4.0
+    splits = synthetic_rating_task(n_users=4, n_records=8, seed=2)
+    run(cfg, splits=splits)
+    s = Server(tmp_path / "run" / "model")
+    task = get_task("movielens")
+    _, test, _, train_chosen = personal_splits(*splits, cfg.data.n_users, task)
+    want = text_weights("sif", s.tok, task, train_chosen + test, s.model.lm.get_input_embeddings().num_embeddings)
+    torch.testing.assert_close(s.bank.token_weights, want)
+    assert float(want.min()) < 0.5 < float(want.max()) == 1.0  # template tokens are down-weighted
+    assert s.encoder.token_weights is s.bank.token_weights
+    pool = s.model.tower.pooling
+    torch.testing.assert_close(pool.record_center, s.bank.vectors.mean(0))
+    assert float(pool.query_center.norm()) > 0
+
+    saved = {r["id"]: r for r in json.loads((tmp_path / "run" / "predictions.json").read_text())["tapper"]}
+    ex = next(e for e in test if e.id in saved)
+    got = s.predict(ex.user_id, ex.input, date=ex.date)
+    torch.testing.assert_close(got["expected"], saved[ex.id]["expected"], rtol=1e-5, atol=1e-5)
+    r0 = s.records(ex.user_id)[0]
+    sif_mean = s.encoder.encode([s.task.record_text(r0.fields)])
+    plain = torch.nn.functional.embedding(
+        torch.tensor(s.tok(s.task.record_text(r0.fields), add_special_tokens=False)["input_ids"]),
+        s.model.lm.get_input_embeddings().weight).mean(0, keepdim=True)
+    assert not torch.allclose(sif_mean, plain, atol=1e-4)  # the weights change the vector
+    torch.testing.assert_close(s.encode_records([(ex.user_id, r0)]), sif_mean)
+    torch.testing.assert_close(s.bank.vectors[s.bank.index[f"{ex.user_id}/{r0.id}"]][None], sif_mean)
+
+    data = explain(s, ex.user_id, ex.input, date=ex.date)
+    q = s.encoder.encode([ex.input])[0] - pool.query_center
+    h = s.bank.vectors[[s.bank.index[f"{ex.user_id}/{r.id}"] for r in s.records(ex.user_id)]] - pool.record_center
+    want_content = float(pool.beta.detach()) * (h @ q) / (h.norm(dim=-1) * q.norm())
+    torch.testing.assert_close(torch.tensor([r["content_score"] for r in data["records"]]), want_content,
+                               rtol=1e-5, atol=1e-5)
+    assert data["alpha_check_max_abs"] < 1e-5 and "beta*cos" in data["formula"]
