@@ -18,7 +18,9 @@ where Stage 2 started them. The defaults (configs/benchmark_drift.yaml) start th
 prior (``model.lambda_init=data``), train them at their own rate (``trainer.lr_lambda``) and add each record's
 label embedding to its vector (``model.record_label_weight=1``); ``tapper_random_lambda`` and
 ``tapper_no_label_weight`` (optional methods) undo one each; ``tapper_pq_only`` (optional) drops the static
-``P_u`` row. Stage 2 trains on every profile record after the first (``per_user=null``) for 3 epochs.
+``P_u`` row. The rating defaults also turn on SIF-weighted record and question vectors and the pooling's content
+term (``model.text_weighting=sif``, ``model.pooling.content_beta``); ``tapper_no_content`` (optional) turns both
+off. Stage 2 trains on every profile record after the first (``per_user=null``) for 3 epochs.
 
 Results go to ``results_dir/drift.json`` after every row (a killed run resumes; a row is reused only when every
 setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``::
@@ -80,7 +82,9 @@ DRIFT_METHODS = ["non_personalized", "rag_recency_k4", "tapper_no_time", "tapper
 DRIFT_ABLATIONS = {"tapper_no_label_weight": {"model": {"record_label_weight": 0.0}},
                    "tapper_random_lambda": {"model": {"lambda_init": None}},
                    # P_q alone: no static P_u row (a row trained on the whole profile also holds the old rule)
-                   "tapper_pq_only": ABLATIONS["tapper_pq_only"]}
+                   "tapper_pq_only": ABLATIONS["tapper_pq_only"],
+                   # the paper's plain-mean vectors and DIN score (what the rating defaults turn on)
+                   "tapper_no_content": {"model": {"text_weighting": "mean", "pooling": {"content_beta": None}}}}
 OPTIONAL_METHODS = list(DRIFT_ABLATIONS)
 # SmolLM2-135M on this project's 2-core CPU (README, perf.json), per 40-token example: forward + backward through
 # all layers (Stage 1), one forward; one greedy step (assumed).
@@ -314,6 +318,21 @@ def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
     return lm, tok, cache
 
 
+def _features(builders: dict, tcfg, weighting: str, lm, tok, users: UserIndex, examples: list) -> FeatureBuilder:
+    """The fraction's feature builder for one ``model.text_weighting``, its record bank encoded once (a row
+    that weighs tokens otherwise gets its own bank, with the same rows)."""
+    if weighting not in builders:
+        spec = get_task(tcfg.task.name)
+        weights = text_weights(weighting, tok, spec, examples, lm.get_input_embeddings().num_embeddings)
+        fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens, token_weights=weights), spec,
+                            RecordBank(lm.config.hidden_size, token_weights=weights), users,
+                            tcfg.model.max_prompt_tokens, tcfg.model.max_history,
+                            label_weight=tcfg.model.record_label_weight)
+        fb.register(examples)
+        builders[weighting] = fb
+    return builders[weighting]
+
+
 def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: dict, save) -> None:
     lm, tok, cache = _stage1(tcfg, task, result, out_dir)
     save()
@@ -325,12 +344,8 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
         train, test = drift_splits(tcfg, task, frac)
         _, test, trainees, train_chosen = personal_splits(train, test, None, spec)
         users = UserIndex(trainees)
-        weights = text_weights(tcfg.model.text_weighting, tok, spec, train_chosen + test,
-                               lm.get_input_embeddings().num_embeddings)
-        fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens, token_weights=weights), spec,
-                            RecordBank(lm.config.hidden_size, token_weights=weights), users, tcfg.model.max_prompt_tokens,
-                            tcfg.model.max_history, label_weight=tcfg.model.record_label_weight)
-        fb.register(train_chosen + test)
+        builders: dict[str, FeatureBuilder] = {}  # one per model.text_weighting the rows use
+        fb = _features(builders, tcfg, tcfg.model.text_weighting, lm, tok, users, train_chosen + test)
         test_samples = fb.question_samples(test)
         dev = fb.question_samples(train_chosen) if spec.kind == RATING else []  # never Stage-2 targets
         for name in [m for f, m in todo if f == frac]:
@@ -347,10 +362,12 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 train_s = 0.0
             else:
                 vcfg = variant(tcfg, name)
+                vfb = _features(builders, tcfg, vcfg.model.text_weighting, lm, tok, users, train_chosen + test)
                 resume = out_dir / f"drift_{task}_{frac:g}_{name}_stage2_resume.safetensors"
-                model, s2, losses, train_s, _ = train_stage2(vcfg, lm, fb, users, train_chosen, trunk, resume=resume)
-                prefill_trunk(trunk, fb, test_samples + dev, with_labels=False, desc="trunk cache, queries")
-                rep, _, eval_s = score(ex, model, fb, test_samples, spec, vcfg, name, dev)
+                model, s2, losses, train_s, _ = train_stage2(vcfg, lm, vfb, users, train_chosen, trunk, resume=resume)
+                vtest, vdev = vfb.question_samples(test), vfb.question_samples(train_chosen) if dev else []
+                prefill_trunk(trunk, vfb, vtest + vdev, with_labels=False, desc="trunk cache, queries")
+                rep, _, eval_s = score(ex, model, vfb, vtest, spec, vcfg, name, vdev)
                 extra = {**lambda_report(model), "n_stage2_examples": len(s2),
                          "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
                 model.lm.unload()

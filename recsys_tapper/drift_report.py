@@ -75,6 +75,8 @@ def write_drift_markdown(result: dict, path: Path) -> None:
                       "|---|---|---|---|---|---|---|"]
             for name, f, r in lam:
                 on = "yes" if r.get("time_bias") or r.get("order_bias") else "no (λ unused)"
+                if "beta" in r:  # the pooling's content term (model.pooling.content_beta)
+                    on += f"; content β {_fmt(r.get('beta_start'))} → {_fmt(r['beta'])}"
                 lines.append(f"| {name} | {f:g} | {_fmt(r.get('lambda_t_start'))} → {_fmt(r['lambda_t'])} | "
                              f"{_fmt(r.get('lambda_o_start'))} → {_fmt(r['lambda_o'])} | {on} | "
                              f"{r.get('n_stage2_examples')} | {_fmt(r.get('train_s'), '.0f')} |")

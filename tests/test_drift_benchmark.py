@@ -225,3 +225,41 @@ def test_a_generator_version_past_1_is_part_of_that_tasks_row_settings():
     assert row_settings(cfg, "tapper", "headline") == {**row_settings(cfg, "tapper"), "generator_version": 2}
     assert row_settings(cfg, "non_personalized", "headline") == {"generator_version": 2}
     assert row_settings(cfg, "tapper", "tagging") == row_settings(cfg, "tapper")
+
+
+def test_rating_defaults_turn_on_the_content_term_and_tapper_no_content_trains_on_plain_means(tmp_path, monkeypatch):
+    """configs/benchmark_drift.yaml: rating rows use SIF vectors and the pooling's content term, the other
+    tasks the paper's; ``tapper_no_content`` trains on its own plain-mean bank with the DIN score alone."""
+    from recsys_tapper.drift_benchmark import row_settings, task_config, variant
+
+    cfg = drift_config([])
+    rating, tagging = task_config(cfg, "rating"), task_config(cfg, "tagging")
+    assert (rating.model.text_weighting, rating.model.pooling.content_beta) == ("sif", 10.0)
+    assert (tagging.model.text_weighting, tagging.model.pooling.content_beta) == ("mean", None)
+    off = variant(rating, "tapper_no_content").model
+    assert (off.text_weighting, off.pooling.content_beta) == ("mean", None)
+    s = row_settings(rating, "tapper", "rating")
+    assert s["text_weighting"] == "sif" and s["pooling"]["content_beta"] == 10.0
+    assert "text_weighting" not in row_settings(tagging, "tapper", "tagging")
+    assert "content_beta" not in row_settings(tagging, "tapper", "tagging")["pooling"]
+
+    small = drift_config([*SMALL, "tasks=[rating]", "fractions=[0.5]", "methods=[tapper,tapper_no_content]",
+                          f"results_dir={tmp_path}", "+task_overrides.rating.model.text_weighting=sif",
+                          "+task_overrides.rating.model.pooling.content_beta=10"])
+    seen = {}
+    real = drift_benchmark.train_stage2
+
+    def spy(vcfg, lm, fb, *a, **k):
+        out = real(vcfg, lm, fb, *a, **k)
+        seen[vcfg.model.text_weighting] = (fb.bank.token_weights, fb.encoder.token_weights, out[0].tower.pooling)
+        return out
+
+    monkeypatch.setattr(drift_benchmark, "train_stage2", spy)
+    rows = drift_benchmark.benchmark_drift(small, command="test")["rows"]
+    w, enc_w, pool = seen["sif"]
+    assert w is enc_w and w is not None and float(w.min()) < 0.5
+    assert pool.cfg.content_beta == 10.0 and float(pool.query_center.norm()) > 0
+    assert seen["mean"][0] is None and seen["mean"][1] is None and seen["mean"][2].cfg.content_beta is None
+    assert rows["rating|0.5|tapper"]["beta_start"] == 10.0 and "beta" not in rows["rating|0.5|tapper_no_content"]
+    md = (tmp_path / "drift.md").read_text()
+    assert md.count("content β 10.000 → ") == 1 and "| tapper_no_content | 0.5 | " in md
