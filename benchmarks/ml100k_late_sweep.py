@@ -8,6 +8,8 @@ cached task LoRA when present, else trained the same way. One Stage 1 and one tr
     python benchmarks/ml100k_late_sweep.py --users 300 --settings late_mf_item late_item late_mf
     python benchmarks/ml100k_late_sweep.py --users 200 --settings late_mf_item late_mf_item_label \
         late_mf_item_pq_only --out benchmarks/results/ml100k_late_sweep_label.json
+    python benchmarks/ml100k_late_sweep.py --users 200 --settings late_mf_item late_mf_item_content \
+        --out benchmarks/results/ml100k_late_sweep_content.json
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from embeddings.record_bank import RecordBank
+from llm_bridge.encoder import TextEncoder
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.build import build_trunk
 from recsys_tapper.evaluation import predict_labels, rating_report
-from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.features import FeatureBuilder, text_weights
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage2
 from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
@@ -52,6 +55,10 @@ SETTINGS: dict[str, dict] = {
     # P_q alone, no P_u row (the table's tapper_pq_only beside the default, here on dev queries)
     "late_mf_item_pq_only": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
                                        "projector": {"use_user_state": False}}},
+    # SIF-weighted record and question vectors and the pooling's content term (what fixed the drift rating
+    # task's genre selection): P_q leans on the user's ratings of films whose text resembles the query's
+    "late_mf_item_content": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
+                                       "text_weighting": "sif", "pooling": {"content_beta": 10.0}}},
 }
 
 
@@ -79,11 +86,11 @@ def main() -> None:
     cache = REPO / "benchmarks/results/ml100k_stage1_lora.safetensors"
     lm, _, fb, _ = stage1_model(cfg, train, train + test, users_all, cache, 0.0 if cache.exists() else None)
     task = get_task(cfg.task.name)
-    trunks, fbs = {}, {cfg.model.record_label_weight: fb}
+    trunks, fbs = {}, {bank_key(cfg): fb}
     for name in args.settings:
         vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), SETTINGS[name]))
         vcfg.trainer.stage2_per_user = None
-        fb = fbs.get(vcfg.model.record_label_weight) or label_features(fbs, vcfg, train + test)
+        fb = fbs.get(bank_key(vcfg)) or variant_features(fbs, vcfg, train + test, lm)
         key = (vcfg.model.prefix_layer, vcfg.model.item_dim is not None)
         if key not in trunks:
             trunks[key] = build_trunk(vcfg.model, lm, {"stage1": load_stage1(cache)})
@@ -110,14 +117,22 @@ def main() -> None:
         model.lm.unload()
 
 
-def label_features(fbs: dict, vcfg, register: list) -> FeatureBuilder:
-    """A feature builder whose record vectors carry ``vcfg.model.record_label_weight`` x the label's embedding
-    (same tokenizer, encoder and users as the first one; a bank of its own)."""
+def bank_key(cfg) -> tuple:
+    """What a setting's record vectors depend on: the label weight and the token weighting."""
+    return cfg.model.record_label_weight, cfg.model.text_weighting
+
+
+def variant_features(fbs: dict, vcfg, register: list, lm) -> FeatureBuilder:
+    """A feature builder whose record vectors follow ``vcfg``'s ``record_label_weight`` and ``text_weighting``
+    (same tokenizer, backbone and users as the first one; an encoder and a bank of its own)."""
     fb0 = next(iter(fbs.values()))
-    fb = FeatureBuilder(fb0.tok, fb0.encoder, fb0.task, RecordBank(fb0.bank.d), fb0.users, vcfg.model.max_prompt_tokens,
-                        vcfg.model.max_history, label_weight=vcfg.model.record_label_weight)
+    weights = text_weights(vcfg.model.text_weighting, fb0.tok, fb0.task, register, lm.get_input_embeddings().num_embeddings)
+    encoder = TextEncoder(lm, fb0.tok, vcfg.model.max_record_tokens, token_weights=weights)
+    fb = FeatureBuilder(fb0.tok, encoder, fb0.task, RecordBank(fb0.bank.d, token_weights=weights), fb0.users,
+                        vcfg.model.max_prompt_tokens, vcfg.model.max_history,
+                        label_weight=vcfg.model.record_label_weight)
     fb.register(register, progress=True)
-    fbs[vcfg.model.record_label_weight] = fb
+    fbs[bank_key(vcfg)] = fb
     return fb
 
 
