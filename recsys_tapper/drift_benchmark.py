@@ -318,19 +318,20 @@ def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
     return lm, tok, cache
 
 
-def _features(builders: dict, tcfg, weighting: str, lm, tok, users: UserIndex, examples: list) -> FeatureBuilder:
-    """The fraction's feature builder for one ``model.text_weighting``, its record bank encoded once (a row
-    that weighs tokens otherwise gets its own bank, with the same rows)."""
-    if weighting not in builders:
+def _features(builders: dict, tcfg, m, lm, tok, users: UserIndex, examples: list) -> FeatureBuilder:
+    """The fraction's feature builder for model config ``m``'s record vectors (``model.record_label_weight``,
+    ``model.text_weighting``), its record bank encoded once; a row whose vectors differ (``tapper_no_content``,
+    ``tapper_no_label_weight``) gets a bank of its own, with the same rows."""
+    key = (m.record_label_weight, m.text_weighting)
+    if key not in builders:
         spec = get_task(tcfg.task.name)
-        weights = text_weights(weighting, tok, spec, examples, lm.get_input_embeddings().num_embeddings)
+        weights = text_weights(m.text_weighting, tok, spec, examples, lm.get_input_embeddings().num_embeddings)
         fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens, token_weights=weights), spec,
                             RecordBank(lm.config.hidden_size, token_weights=weights), users,
-                            tcfg.model.max_prompt_tokens, tcfg.model.max_history,
-                            label_weight=tcfg.model.record_label_weight)
+                            tcfg.model.max_prompt_tokens, tcfg.model.max_history, label_weight=m.record_label_weight)
         fb.register(examples)
-        builders[weighting] = fb
-    return builders[weighting]
+        builders[key] = fb
+    return builders[key]
 
 
 def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: dict, save) -> None:
@@ -344,8 +345,8 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
         train, test = drift_splits(tcfg, task, frac)
         _, test, trainees, train_chosen = personal_splits(train, test, None, spec)
         users = UserIndex(trainees)
-        builders: dict[str, FeatureBuilder] = {}  # one per model.text_weighting the rows use
-        fb = _features(builders, tcfg, tcfg.model.text_weighting, lm, tok, users, train_chosen + test)
+        builders: dict[tuple, FeatureBuilder] = {}  # one per kind of record vector the rows use
+        fb = _features(builders, tcfg, tcfg.model, lm, tok, users, train_chosen + test)
         test_samples = fb.question_samples(test)
         dev = fb.question_samples(train_chosen) if spec.kind == RATING else []  # never Stage-2 targets
         for name in [m for f, m in todo if f == frac]:
@@ -362,7 +363,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 train_s = 0.0
             else:
                 vcfg = variant(tcfg, name)
-                vfb = _features(builders, tcfg, vcfg.model.text_weighting, lm, tok, users, train_chosen + test)
+                vfb = _features(builders, tcfg, vcfg.model, lm, tok, users, train_chosen + test)
                 resume = out_dir / f"drift_{task}_{frac:g}_{name}_stage2_resume.safetensors"
                 model, s2, losses, train_s, _ = train_stage2(vcfg, lm, vfb, users, train_chosen, trunk, resume=resume)
                 vtest, vdev = vfb.question_samples(test), vfb.question_samples(train_chosen) if dev else []

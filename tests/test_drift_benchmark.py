@@ -243,7 +243,8 @@ def test_rating_defaults_turn_on_the_content_term_and_tapper_no_content_trains_o
     assert "text_weighting" not in row_settings(tagging, "tapper", "tagging")
     assert "content_beta" not in row_settings(tagging, "tapper", "tagging")["pooling"]
 
-    small = drift_config([*SMALL, "tasks=[rating]", "fractions=[0.5]", "methods=[tapper,tapper_no_content]",
+    small = drift_config([*SMALL, "tasks=[rating]", "fractions=[0.5]",
+                          "methods=[tapper,tapper_no_content,tapper_no_label_weight]",
                           f"results_dir={tmp_path}", "+task_overrides.rating.model.text_weighting=sif",
                           "+task_overrides.rating.model.pooling.content_beta=10"])
     seen = {}
@@ -251,15 +252,23 @@ def test_rating_defaults_turn_on_the_content_term_and_tapper_no_content_trains_o
 
     def spy(vcfg, lm, fb, *a, **k):
         out = real(vcfg, lm, fb, *a, **k)
-        seen[vcfg.model.text_weighting] = (fb.bank.token_weights, fb.encoder.token_weights, out[0].tower.pooling)
+        seen[vcfg.model.text_weighting, fb.label_weight] = (fb.bank.token_weights, fb.encoder.token_weights,
+                                                             out[0].tower.pooling, fb.bank)
         return out
 
     monkeypatch.setattr(drift_benchmark, "train_stage2", spy)
     rows = drift_benchmark.benchmark_drift(small, command="test")["rows"]
-    w, enc_w, pool = seen["sif"]
+    # the drift defaults' label weight (1) for tapper and tapper_no_content, none for tapper_no_label_weight
+    assert set(seen) == {("sif", 1.0), ("mean", 1.0), ("sif", 0.0)}
+    w, enc_w, pool, bank = seen["sif", 1.0]
     assert w is enc_w and w is not None and float(w.min()) < 0.5
     assert pool.cfg.content_beta == 10.0 and float(pool.query_center.norm()) > 0
-    assert seen["mean"][0] is None and seen["mean"][1] is None and seen["mean"][2].cfg.content_beta is None
+    off = seen["mean", 1.0]
+    assert off[0] is None and off[1] is None and off[2].cfg.content_beta is None
+    # tapper_no_label_weight's record vectors are the text's alone: its own bank, the same rows
+    no_label = seen["sif", 0.0][3]
+    assert no_label is not bank and no_label.keys == bank.keys
+    assert not torch.allclose(no_label.vectors, bank.vectors)
     assert rows["rating|0.5|tapper"]["beta_start"] == 10.0 and "beta" not in rows["rating|0.5|tapper_no_content"]
     md = (tmp_path / "drift.md").read_text()
-    assert md.count("content β 10.000 → ") == 1 and "| tapper_no_content | 0.5 | " in md
+    assert md.count("content β 10.000 → ") == 2 and "| tapper_no_content | 0.5 | " in md  # not in no_content's
