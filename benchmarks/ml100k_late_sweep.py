@@ -27,13 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from embeddings.record_bank import RecordBank
-from llm_bridge.encoder import TextEncoder
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.build import build_trunk
 from recsys_tapper.evaluation import predict_labels, rating_report
-from recsys_tapper.features import FeatureBuilder, text_weights
+from recsys_tapper.features import FeatureBuilder, bank_key, feature_builder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage2
 from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
@@ -86,11 +84,11 @@ def main() -> None:
     cache = REPO / "benchmarks/results/ml100k_stage1_lora.safetensors"
     lm, _, fb, _ = stage1_model(cfg, train, train + test, users_all, cache, 0.0 if cache.exists() else None)
     task = get_task(cfg.task.name)
-    trunks, fbs = {}, {bank_key(cfg): fb}
+    trunks, fbs = {}, {bank_key(cfg.model): fb}
     for name in args.settings:
         vcfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), SETTINGS[name]))
         vcfg.trainer.stage2_per_user = None
-        fb = fbs.get(bank_key(vcfg)) or variant_features(fbs, vcfg, train + test, lm)
+        fb = fbs.get(bank_key(vcfg.model)) or variant_features(fbs, vcfg, train + test, lm)
         key = (vcfg.model.prefix_layer, vcfg.model.item_dim is not None)
         if key not in trunks:
             trunks[key] = build_trunk(vcfg.model, lm, {"stage1": load_stage1(cache)})
@@ -117,22 +115,12 @@ def main() -> None:
         model.lm.unload()
 
 
-def bank_key(cfg) -> tuple:
-    """What a setting's record vectors depend on: the label weight and the token weighting."""
-    return cfg.model.record_label_weight, cfg.model.text_weighting
-
-
 def variant_features(fbs: dict, vcfg, register: list, lm) -> FeatureBuilder:
     """A feature builder whose record vectors follow ``vcfg``'s ``record_label_weight`` and ``text_weighting``
     (same tokenizer, backbone and users as the first one; an encoder and a bank of its own)."""
     fb0 = next(iter(fbs.values()))
-    weights = text_weights(vcfg.model.text_weighting, fb0.tok, fb0.task, register, lm.get_input_embeddings().num_embeddings)
-    encoder = TextEncoder(lm, fb0.tok, vcfg.model.max_record_tokens, token_weights=weights)
-    fb = FeatureBuilder(fb0.tok, encoder, fb0.task, RecordBank(fb0.bank.d, token_weights=weights), fb0.users,
-                        vcfg.model.max_prompt_tokens, vcfg.model.max_history,
-                        label_weight=vcfg.model.record_label_weight)
-    fb.register(register, progress=True)
-    fbs[bank_key(vcfg)] = fb
+    fb = feature_builder(vcfg.model, lm, fb0.tok, fb0.task, fb0.users, register, progress=True)
+    fbs[bank_key(vcfg.model)] = fb
     return fb
 
 

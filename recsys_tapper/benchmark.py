@@ -33,9 +33,7 @@ from omegaconf import OmegaConf
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from embeddings.record_bank import RecordBank
 from llm_bridge.backbone import load_backbone
-from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.baselines.oppu import OppuConfig, oppu_params_per_user, run_oppu
@@ -44,7 +42,7 @@ from recsys_tapper.build import build_trunk, prefix_slots
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, rating_report
-from recsys_tapper.features import FeatureBuilder, text_weights
+from recsys_tapper.features import FeatureBuilder, feature_builder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage1, train_stage2
 from recsys_tapper.model import TapperModel
@@ -360,12 +358,7 @@ def stage1_model(cfg: RunConfig, train: list, register: list, users_all: list[st
     cached. Returns (lm, tokenizer, feature builder, stage-1 seconds)."""
     task = get_task(cfg.task.name)
     lm, tok = load_backbone(cfg.model.backbone)
-    weights = text_weights(cfg.model.text_weighting, tok, task, register, lm.get_input_embeddings().num_embeddings)
-    fb = FeatureBuilder(tok, TextEncoder(lm, tok, cfg.model.max_record_tokens, token_weights=weights), task,
-                        RecordBank(lm.config.hidden_size, token_weights=weights), UserIndex(users_all),
-                        cfg.model.max_prompt_tokens,
-                        cfg.model.max_history, label_weight=cfg.model.record_label_weight)
-    fb.register(register, progress=True)
+    fb = feature_builder(cfg.model, lm, tok, task, UserIndex(users_all), register, progress=True)
     if cache.exists() and cached_s is not None:
         lm = add_lora(lm, cfg.model.task_lora)
         set_peft_model_state_dict(lm, load_file(cache))

@@ -55,7 +55,7 @@ from recsys_tapper.checks import check_prefix_layer, check_readout
 from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.executors import LocalExecutor
-from recsys_tapper.features import FeatureBuilder, check_text_weighting, text_weights
+from recsys_tapper.features import FeatureBuilder, bank_key, check_text_weighting, feature_builder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import score, train_stage1, train_stage2
 from recsys_tapper.model import TapperModel, lambda_report
@@ -318,19 +318,13 @@ def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
     return lm, tok, cache
 
 
-def _features(builders: dict, tcfg, m, lm, tok, users: UserIndex, examples: list) -> FeatureBuilder:
-    """The fraction's feature builder for model config ``m``'s record vectors (``model.record_label_weight``,
-    ``model.text_weighting``), its record bank encoded once; a row whose vectors differ (``tapper_no_content``,
-    ``tapper_no_label_weight``) gets a bank of its own, with the same rows."""
-    key = (m.record_label_weight, m.text_weighting)
+def _features(builders: dict, spec, m, lm, tok, users: UserIndex, examples: list) -> FeatureBuilder:
+    """The fraction's feature builder for model config ``m``'s record vectors (``features.bank_key``), its record
+    bank encoded once; a row whose vectors differ (``tapper_no_content``, ``tapper_no_label_weight``) gets a bank
+    of its own, with the same rows."""
+    key = bank_key(m)
     if key not in builders:
-        spec = get_task(tcfg.task.name)
-        weights = text_weights(m.text_weighting, tok, spec, examples, lm.get_input_embeddings().num_embeddings)
-        fb = FeatureBuilder(tok, TextEncoder(lm, tok, tcfg.model.max_record_tokens, token_weights=weights), spec,
-                            RecordBank(lm.config.hidden_size, token_weights=weights), users,
-                            tcfg.model.max_prompt_tokens, tcfg.model.max_history, label_weight=m.record_label_weight)
-        fb.register(examples)
-        builders[key] = fb
+        builders[key] = feature_builder(m, lm, tok, spec, users, examples)
     return builders[key]
 
 
@@ -346,7 +340,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
         _, test, trainees, train_chosen = personal_splits(train, test, None, spec)
         users = UserIndex(trainees)
         builders: dict[tuple, FeatureBuilder] = {}  # one per kind of record vector the rows use
-        fb = _features(builders, tcfg, tcfg.model, lm, tok, users, train_chosen + test)
+        fb = _features(builders, spec, tcfg.model, lm, tok, users, train_chosen + test)
         test_samples = fb.question_samples(test)
         dev = fb.question_samples(train_chosen) if spec.kind == RATING else []  # never Stage-2 targets
         for name in [m for f, m in todo if f == frac]:
@@ -363,7 +357,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 train_s = 0.0
             else:
                 vcfg = variant(tcfg, name)
-                vfb = _features(builders, tcfg, vcfg.model, lm, tok, users, train_chosen + test)
+                vfb = _features(builders, spec, vcfg.model, lm, tok, users, train_chosen + test)
                 resume = out_dir / f"drift_{task}_{frac:g}_{name}_stage2_resume.safetensors"
                 model, s2, losses, train_s, _ = train_stage2(vcfg, lm, vfb, users, train_chosen, trunk, resume=resume)
                 vtest, vdev = vfb.question_samples(test), vfb.question_samples(train_chosen) if dev else []

@@ -96,6 +96,28 @@ def text_weights(weighting: str, tokenizer, task: Task, examples: Sequence[LampE
     return sif_weights(tokenizer, texts, vocab_size, SIF_A)
 
 
+def bank_key(m) -> tuple:
+    """What the record vectors of model config ``m`` depend on beyond the records: ``(record_label_weight,
+    text_weighting)``. Feature builders with equal keys over the same records hold equal banks."""
+    return m.record_label_weight, m.text_weighting
+
+
+def feature_builder(m, lm, tokenizer, task: Task, users: UserIndex, examples: Sequence[LampExample],
+                    encoder_lm=None, progress: bool = False) -> FeatureBuilder:
+    """The feature builder of model config ``m`` with ``examples``' profile records registered: token weights
+    fitted on those records (``m.text_weighting``), the encoder and the record bank made with them.
+
+    ``encoder_lm``: the module whose input embeddings encode (an executor's ``encoder_view``); default ``lm``.
+    """
+    weights = text_weights(m.text_weighting, tokenizer, task, examples, lm.get_input_embeddings().num_embeddings)
+    encoder = TextEncoder(lm if encoder_lm is None else encoder_lm, tokenizer, m.max_record_tokens,
+                          token_weights=weights)
+    fb = FeatureBuilder(tokenizer, encoder, task, RecordBank(lm.config.hidden_size, token_weights=weights), users,
+                        m.max_prompt_tokens, m.max_history, label_weight=m.record_label_weight)
+    fb.register(examples, progress=progress)
+    return fb
+
+
 def record_key(user: str, record_id: str) -> str:
     return f"{user}/{record_id}"
 

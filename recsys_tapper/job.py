@@ -31,9 +31,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from embeddings.record_bank import RecordBank
 from llm_bridge.backbone import fingerprint, load_backbone
-from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, lora_parameters, merge_lora
 from llm_bridge.trunk import TrunkCache
 from recsys_tapper.build import build_tapper, build_trunk
@@ -43,7 +41,7 @@ from recsys_tapper.data import LampExample, write_predictions
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, predict_texts, task_report
 from recsys_tapper.executors import Executor, LocalExecutor
-from recsys_tapper.features import FeatureBuilder, text_weights
+from recsys_tapper.features import FeatureBuilder, feature_builder
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.label_scoring import class_report, classify_rows
 from recsys_tapper.model import TapperModel, lambda_report
@@ -206,14 +204,10 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
     out = Path(ex.agree(cfg.out_dir))  # one run directory per job, whatever each rank resolved
 
     lm, tok = load_backbone(cfg.model.backbone)
-    weights = text_weights(cfg.model.text_weighting, tok, task, train_chosen + test,
-                           lm.get_input_embeddings().num_embeddings)  # None: the paper's plain means
-    encoder = TextEncoder(ex.encoder_view(lm), tok, cfg.model.max_record_tokens, token_weights=weights)
+    view = ex.encoder_view(lm)  # taken before the backbone is placed
     lm = ex.place(lm)
     users = UserIndex(trainees)
-    fb = FeatureBuilder(tok, encoder, task, RecordBank(lm.config.hidden_size, token_weights=weights), users,
-                        cfg.model.max_prompt_tokens, cfg.model.max_history, label_weight=cfg.model.record_label_weight)
-    fb.register(train_chosen + test, progress=ex.is_main)
+    fb = feature_builder(cfg.model, lm, tok, task, users, train_chosen + test, encoder_lm=view, progress=ex.is_main)
     test_samples = fb.question_samples(test)
     test_ids = {ex.id for ex in test}
     dev_samples = fb.question_samples([q for q in train_chosen if q.output is not None and q.id not in test_ids]) if (
@@ -259,7 +253,7 @@ def run_job(cfg: RunConfig, ex: Executor, splits: tuple[list[LampExample], list[
         "stage1_losses": stage1_losses,
         "losses": losses,
         "total_wall_s": time.perf_counter() - t_start,
-        "data_report": data_report(reports, encoder),
+        "data_report": data_report(reports, fb.encoder),
         "references": rating_references(test, task.output_field) if task.kind == RATING else {},
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, dict) else cfg,
     }
