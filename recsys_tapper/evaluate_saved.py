@@ -30,14 +30,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llm_bridge.encoder import TextEncoder
 from recsys_tapper.checkpoint import CheckpointError, load_model
 from recsys_tapper.checks import check_evaluate_config
 from recsys_tapper.config import DataConfig
 from recsys_tapper.data import build_movielens_lamp, canonical_task, load_lamp, write_predictions
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import predict_labels, predict_texts, task_report
-from recsys_tapper.features import FeatureBuilder
+from recsys_tapper.features import saved_feature_builder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.model import lambda_report
 from recsys_tapper.pipeline import data_report, format_table, prefill_trunk, rating_references, select_users
@@ -142,9 +141,7 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
         raise InputError(f"{questions}: no question to score")
 
     model, tok, users, bank, saved = load_model(cfg.model_dir, cfg.allow_fingerprint_mismatch)
-    encoder = TextEncoder(model.lm, tok, saved.model.max_record_tokens, token_weights=bank.token_weights)
-    fb = FeatureBuilder(tok, encoder, task, bank, users, saved.model.max_prompt_tokens, saved.model.max_history,
-                        items=model.item_index, label_weight=saved.model.record_label_weight)
+    fb = saved_feature_builder(saved.model, model, tok, task, bank, users)
     n_new_records = fb.register(examples, progress=True)  # unseen users' (and new) records, in memory only
     samples = fb.question_samples(examples)
     batch_size = cfg.batch_size or saved.trainer.eval_batch_size
@@ -178,7 +175,7 @@ def evaluate_saved(cfg: EvaluateConfig, command: str | None = None) -> dict:
         "methods": methods,
         "metrics_note": None if has_golds else NO_GOLDS.format(f"{outputs} does not exist"),
         "total_wall_s": time.perf_counter() - t_start,
-        "data_report": data_report([report], encoder),
+        "data_report": data_report([report], fb.encoder),
         "references": rating_references(examples, task.output_field) if has_golds and task.kind == RATING else {},
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "run_meta": run_meta(command),

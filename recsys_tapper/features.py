@@ -118,6 +118,15 @@ def feature_builder(m, lm, tokenizer, task: Task, users: UserIndex, examples: Se
     return fb
 
 
+def saved_feature_builder(m, model, tokenizer, task: Task, bank: RecordBank, users: UserIndex) -> FeatureBuilder:
+    """The feature builder of a saved model (``tapper serve``, ``update``, ``evaluate``): its record bank, an encoder
+    with the token weights the training job fitted (saved with the bank), and its item index; ``m`` is the saved
+    model config. New records and questions are then encoded as the job encoded its own."""
+    encoder = TextEncoder(model.lm, tokenizer, m.max_record_tokens, token_weights=bank.token_weights)
+    return FeatureBuilder(tokenizer, encoder, task, bank, users, m.max_prompt_tokens, m.max_history,
+                          items=model.item_index, label_weight=m.record_label_weight)
+
+
 def record_key(user: str, record_id: str) -> str:
     return f"{user}/{record_id}"
 

@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 
 from embeddings.cold_start import COLD_START_MODES, cold_start_rows, served_by
-from llm_bridge.encoder import TextEncoder
 from recsys_tapper.checkpoint import load_model, read_histories
 from recsys_tapper.data import ProfileRecord, parse_date
 from recsys_tapper.data.dates import DateParseError
 from recsys_tapper.evaluation import label_token_ids
-from recsys_tapper.features import Batch, FeatureBuilder, Sample, record_key
+from recsys_tapper.features import Batch, Sample, record_key, saved_feature_builder
 from recsys_tapper.label_scoring import label_scores
 from recsys_tapper.tasks import CLASSIFICATION, get_task
 
@@ -89,11 +88,8 @@ class Server:
         self.task = get_task(self.cfg.task.name)
         if not self.task.labels:
             raise NotImplementedError(f"serving scores label tasks; {self.task.name} is {self.task.kind}")
-        self.encoder = TextEncoder(self.model.lm, self.tok, self.cfg.model.max_record_tokens,
-                                   token_weights=self.bank.token_weights)  # as the training job encoded
-        self.fb = FeatureBuilder(self.tok, self.encoder, self.task, self.bank, self.users,
-                                 self.cfg.model.max_prompt_tokens, self.cfg.model.max_history,
-                                 items=self.model.item_index, label_weight=self.cfg.model.record_label_weight)
+        self.fb = saved_feature_builder(self.cfg.model, self.model, self.tok, self.task, self.bank, self.users)
+        self.encoder = self.fb.encoder  # with the token weights the training job fitted (saved with the bank)
         self.histories = read_histories(self.model_dir / "histories.parquet")
         self.cold_start = cold_start
         self.cold_row = cold_start_rows(self.model.tower.table.weight, cold_start)  # (D,)

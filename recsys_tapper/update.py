@@ -33,7 +33,7 @@ from embeddings.user_state import UserStateConfig, UserStateTable
 from recsys_tapper.checkpoint import HISTORY_SCHEMA, bank_tensors, read_histories, rewrite_model_files
 from recsys_tapper.data import LampExample, ProfileRecord
 from recsys_tapper.events import validate_events
-from recsys_tapper.features import FeatureBuilder, Sample, record_key
+from recsys_tapper.features import FeatureBuilder, Sample, record_item, record_key, saved_feature_builder
 from recsys_tapper.table_io import grow_table
 from recsys_tapper.tasks import get_task
 from recsys_tapper.training import OptimConfig, train_loop
@@ -95,7 +95,7 @@ def finetune_rows(model, fb: FeatureBuilder, samples: list[Sample], users: Seque
         local.weight.copy_(full.weight[rows])  # (k, D)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     local_fb = FeatureBuilder(fb.tok, fb.encoder, fb.task, fb.bank, UserIndex(users), fb.max_prompt_tokens,
-                              fb.max_history)
+                              fb.max_history, items=fb.items, label_weight=fb.label_weight)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -124,7 +124,6 @@ def update_model(
     now: float | None = None,
 ) -> dict:
     """Apply new events to a model directory (see the module docstring); returns a report with timings."""
-    from llm_bridge.encoder import TextEncoder
     from recsys_tapper.checkpoint import load_model
 
     model_dir = Path(model_dir)
@@ -146,9 +145,7 @@ def update_model(
     model.tower.table = grow_table(model.tower.table, len(users), seed=seed)
 
     # Record bank and histories.
-    encoder = TextEncoder(model.lm, tok, cfg.model.max_record_tokens, token_weights=bank.token_weights)
-    fb = FeatureBuilder(tok, encoder, task, bank, users, cfg.model.max_prompt_tokens, cfg.model.max_history,
-                        label_weight=cfg.model.record_label_weight)
+    fb = saved_feature_builder(cfg.model, model, tok, task, bank, users)
     keys = [record_key(e.user_id, e.record_id) for e in good]
     bank.add(keys, fb.record_vectors([e.fields for e in good]))  # encoded as the training job's records were
     histories = read_histories(model_dir / "histories.parquet")
@@ -170,7 +167,8 @@ def update_model(
                 # FeatureBuilder._history is private to features.py; a public history-window method there
                 # would replace this call (issue 10, item 5).
                 rows, days = fb._history(ex, upto=i)
-                samples.append(Sample(record_key(u, rec.id), u, rows, days, rec.date, question, answer))
+                samples.append(Sample(record_key(u, rec.id), u, rows, days, rec.date, question, answer,
+                                      record_item(u, rec.id)))  # the item table's key, as Stage 2's targets
     g = torch.Generator().manual_seed(seed)
     samples = [samples[i] for i in torch.randperm(len(samples), generator=g).tolist()]
     opt = OptimConfig(lr=cfg.trainer.lr_user if lr is None else lr, epochs=epochs, batch_size=batch_size,

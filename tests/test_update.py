@@ -174,3 +174,38 @@ def test_timestamp_columns_and_integer_ids_are_accepted(tmp_path):
     good, _ = validate_events(df, TASK, now=NOW)
     assert [(e.user_id, e.record_id, e.fields["score"], e.date) for e in good] == [("7", "1", "4", 10.0),
                                                                                    ("8", "2", "5", 11.5)]
+
+
+def test_update_of_a_model_with_an_item_table(tmp_path, monkeypatch):
+    """MovieLens models carry an item table (configs/task/movielens.yaml). The fine-tune's batches hold each
+    event's item id, so the item slot is read as in Stage 2; only the affected user's row changes."""
+    from conftest import tiny_config
+
+    import recsys_tapper.update as upd
+    from recsys_tapper.job import run
+    from recsys_tapper.synthetic import synthetic_rating_task
+
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.item_dim = 8
+    run(cfg, splits=synthetic_rating_task(n_users=4, n_records=8, seed=2))
+    mdir = tmp_path / "run" / "model"
+    model, _, _, _, _ = load_model(mdir)
+    item = model.item_index.ids[0]  # a film the item table knows
+    old = load_file(mdir / "tower.safetensors")
+    seen = {}
+    real = upd.train_loop
+
+    def spy(model, samples, fb, groups, opt, desc=""):
+        seen["items"] = [s.item for s in samples]
+        seen["rows"] = [None if fb.items is None else fb.items.row(s.item) for s in samples]
+        return real(model, samples, fb, groups, opt, desc=desc)
+
+    monkeypatch.setattr(upd, "train_loop", spy)
+    events = tmp_path / "new.parquet"
+    _events([("syn1", item, "film 1 | drama", "5", 86400.0 * 100)]).to_parquet(events)
+    rep = update_model(mdir, events, now=NOW, lr=1e-2)
+
+    assert rep["n_kept"] == 1 and rep["affected_users"] == 1
+    assert seen["items"] == [item] and seen["rows"] == [model.item_index.row(item)]
+    new = load_file(mdir / "tower.safetensors")
+    assert not torch.equal(new[TOWER_KEY], old[TOWER_KEY])
