@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -132,6 +133,15 @@ def read_histories(path: Path) -> dict[str, list[ProfileRecord]]:
     for row in pq.read_table(path).to_pylist():
         out.setdefault(row["user_id"], []).append(ProfileRecord(row["record_id"], json.loads(row["fields"]), row["date"]))
     return out
+
+
+def merge_history(old: Sequence[ProfileRecord], new: Sequence[ProfileRecord]) -> list[ProfileRecord]:
+    """Old records then new ones, stably sorted by date when every record has one (history is in time order).
+    ``tapper serve`` and ``tapper update`` both append events with this rule."""
+    merged = list(old) + sorted(new, key=lambda r: (r.date is None, r.date or 0.0))
+    if all(r.date is not None for r in merged):
+        merged.sort(key=lambda r: r.date)
+    return merged
 
 
 def verify(path: str | Path) -> dict:

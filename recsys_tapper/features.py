@@ -186,7 +186,8 @@ class FeatureBuilder:
             h = h + self.label_weight * self.encoder.encode([str(f[out]).strip() for f in fields])  # (N, d)
         return h
 
-    def _history(self, ex: LampExample, upto: int | None = None) -> tuple[list[int], list[float | None]]:
+    def history_window(self, ex: LampExample, upto: int | None = None) -> tuple[list[int], list[float | None]]:
+        """Bank rows and dates of the records ``ex.profile[:upto]`` (all when None), the last ``max_history``."""
         recs = ex.profile[:upto] if upto is not None else ex.profile
         if self.max_history is not None:
             recs = recs[-self.max_history :] if self.max_history > 0 else ()
@@ -197,7 +198,7 @@ class FeatureBuilder:
         """One sample per question, its whole profile as visible history."""
         out = []
         for ex in examples:
-            rows, days = self._history(ex)
+            rows, days = self.history_window(ex)
             out.append(Sample(ex.id, ex.user_id, rows, days, ex.date, ex.input, ex.output, ex.extras.get("item_id")))
         return out
 
@@ -221,7 +222,7 @@ class FeatureBuilder:
             for i in targets:
                 rec = ex.profile[i]
                 question, answer = self.task.record_example(rec.fields)
-                rows, days = self._history(ex, upto=i)
+                rows, days = self.history_window(ex, upto=i)
                 out.append(Sample(f"{ex.user_id}/{rec.id}", ex.user_id, rows, days, rec.date, question, answer,
                                   record_item(ex.user_id, rec.id)))
         random.Random(seed).shuffle(out)

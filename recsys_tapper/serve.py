@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from embeddings.cold_start import COLD_START_MODES, cold_start_rows, served_by
-from recsys_tapper.checkpoint import load_model, read_histories
+from recsys_tapper.checkpoint import load_model, merge_history, read_histories
 from recsys_tapper.data import ProfileRecord, parse_date
 from recsys_tapper.data.dates import DateParseError
 from recsys_tapper.evaluation import label_token_ids
@@ -246,12 +246,3 @@ class Server:
         dated = [r.date for r in recs if r.date is not None]
         return {"user_id": user, "n_history": len(recs), "has_row": self.users.row(user) is not None,
                 "last_event_day": max(dated) if dated else None}
-
-
-def merge_history(old: Sequence[ProfileRecord], new: Sequence[ProfileRecord]) -> list[ProfileRecord]:
-    """Old records then new ones, stably sorted by date when every record has one (history is in time order;
-    the same rule as ``tapper update``)."""
-    merged = list(old) + sorted(new, key=lambda r: (r.date is None, r.date or 0.0))
-    if all(r.date is not None for r in merged):
-        merged.sort(key=lambda r: r.date)
-    return merged

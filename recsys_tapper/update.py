@@ -30,7 +30,13 @@ import torch
 from safetensors.torch import save as st_save
 
 from embeddings.user_state import UserStateConfig, UserStateTable
-from recsys_tapper.checkpoint import HISTORY_SCHEMA, bank_tensors, read_histories, rewrite_model_files
+from recsys_tapper.checkpoint import (
+    HISTORY_SCHEMA,
+    bank_tensors,
+    merge_history,
+    read_histories,
+    rewrite_model_files,
+)
 from recsys_tapper.data import LampExample, ProfileRecord
 from recsys_tapper.events import validate_events
 from recsys_tapper.features import FeatureBuilder, Sample, record_item, record_key, saved_feature_builder
@@ -62,14 +68,6 @@ class UpdateConfig:
     seed: int = 0
     now: float | None = None
     threads: int | None = None
-
-
-def _merge_history(old: list[ProfileRecord], new: list[ProfileRecord]) -> list[ProfileRecord]:
-    """Old records then new ones, stably sorted by date when every record has one (history is in time order)."""
-    merged = list(old) + sorted(new, key=lambda r: r.date)
-    if all(r.date is not None for r in merged):
-        merged.sort(key=lambda r: r.date)
-    return merged
 
 
 def _histories_bytes(histories: dict[str, list[ProfileRecord]]) -> bytes:
@@ -153,7 +151,7 @@ def update_model(
     for e in good:
         by_user.setdefault(e.user_id, []).append(ProfileRecord(e.record_id, e.fields, e.date))
     for u, recs in by_user.items():
-        histories[u] = _merge_history(histories.get(u, []), recs)
+        histories[u] = merge_history(histories.get(u, []), recs)
     t["encode"] = time.perf_counter()
 
     # Targets: each new event, with the user's records before it as visible history.
@@ -164,9 +162,7 @@ def update_model(
         for i, rec in enumerate(ex.profile):
             if record_key(u, rec.id) in new_keys:
                 question, answer = task.record_example(rec.fields)
-                # FeatureBuilder._history is private to features.py; a public history-window method there
-                # would replace this call (issue 10, item 5).
-                rows, days = fb._history(ex, upto=i)
+                rows, days = fb.history_window(ex, upto=i)
                 samples.append(Sample(record_key(u, rec.id), u, rows, days, rec.date, question, answer,
                                       record_item(u, rec.id)))  # the item table's key, as Stage 2's targets
     g = torch.Generator().manual_seed(seed)

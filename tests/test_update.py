@@ -10,7 +10,8 @@ import torch
 from conftest import copy_model
 from safetensors.torch import load_file
 
-from recsys_tapper.checkpoint import FILES, load_model, read_histories, verify
+from recsys_tapper.checkpoint import FILES, load_model, merge_history, read_histories, verify
+from recsys_tapper.data import ProfileRecord
 from recsys_tapper.serve import Server
 from recsys_tapper.tasks import get_task
 from recsys_tapper.user_ops import TOWER_KEY, UpdateError, update_model, validate_events
@@ -19,6 +20,15 @@ TASK = get_task("movielens")
 NOW = 20000.0  # days since the epoch (2024-10-04) that count as "now" in these tests
 Q = "Rate the movie from 1 to 5. movie: "
 
+
+
+def test_merge_history_keeps_time_order_and_puts_undated_new_records_last():
+    """The one append rule of serve and update: all dated -> one time order; an undated record -> old ones
+    first, then the new ones by date with the undated last."""
+    r = lambda i, d: ProfileRecord(i, {}, d)
+    old = [r("a", 1.0), r("b", 5.0)]
+    assert [x.id for x in merge_history(old, [r("c", 3.0), r("d", 0.5)])] == ["d", "a", "c", "b"]
+    assert [x.id for x in merge_history(old, [r("e", None), r("c", 3.0)])] == ["a", "b", "c", "e"]
 
 
 def _events(rows) -> pd.DataFrame:
