@@ -22,6 +22,7 @@ over an order-free one that reads the history that well.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import Counter
@@ -93,6 +94,8 @@ def evaluate(seed: int, n_test: int, frac: float) -> dict[str, float]:
 
 
 def main() -> None:
+    # no options: an unknown argument is refused before the committed JSON is overwritten
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     out = {"meta": run_meta(), "n_users": N_USERS, "n_records": N_RECORDS, "draws": {}}
     for name, seed, n_test in DRAWS:
         out["draws"][name] = {"seed": seed, "n_test": n_test,
