@@ -2,8 +2,15 @@
 
 For every example b with history records j (jagged, no padding):
 
-    s_j = DIN(q_b, h_j) - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)  [+ beta * cos(q_b - mu_q, h_j - mu_h)]
+    s_j = DIN(q_b, h_j) - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)  [- lambda_w * softplus(dpos_j - w)]
+          [+ beta * cos(q_b - mu_q, h_j - mu_h)]
     alpha = softmax_j(s)          c_b = sum_j alpha_j h_j
+
+The first bracket is the soft recency window, off by default (``window``): a learned width w (records, started at
+``window``) and strength lambda_w. Inside the window the penalty is near 0; past it, it grows linearly. The paper's
+lambda_o * log(1 + dpos) is a heavy-tailed power law: it cannot keep the last few records level and drop the older
+ones, which is what reads a recent drift best (``benchmarks/drift_tagging_readers.py``: recent_k). The window is
+part of the order bias, so ``order_bias=False`` (``tapper_no_time``) drops it with lambda_o.
 
 The bracketed content term is off by default (the paper's score). With ``content_beta`` set it adds a learned
 beta (started at ``content_beta``) times the cosine of the centered query and record vectors: attention to the
@@ -48,12 +55,18 @@ class TimeAwarePoolingConfig:
     order_bias: learn and apply lambda_o * log(1 + position gap).
     interaction_rank: None = the paper's full DIN scorer; k = a rank-k pair interaction.
     content_beta: None = the paper's score; b = add beta * cos(q - mu_q, h - mu_h) with a learned beta from b.
+    window: None = the paper's order penalty; w = also subtract lambda_w * softplus(dpos - width), with the
+        width learned from w records and lambda_w from ``WINDOW_LAMBDA_START``. Applied only with order_bias.
     """
 
     time_bias: bool = True
     order_bias: bool = True
     interaction_rank: int | None = None
     content_beta: float | None = None
+    window: float | None = None
+
+
+WINDOW_LAMBDA_START = 1.0  # lambda_w's start: a record 5 places past the window scores ~5 below one inside it
 
 
 def _rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -80,6 +93,18 @@ class TimeAwarePooling(nn.Module):
             self.beta = nn.Parameter(torch.tensor(float(cfg.content_beta)))
             self.register_buffer("query_center", torch.zeros(d))  # mu_q (d,)
             self.register_buffer("record_center", torch.zeros(d))  # mu_h (d,)
+        if self.windowed:  # only then, as beta
+            self.window_lambda = nn.Parameter(torch.tensor(WINDOW_LAMBDA_START))
+            self.window_width = nn.Parameter(torch.tensor(float(cfg.window)))
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the soft recency window applies (``window`` set and the order bias on)."""
+        return self.cfg.window is not None and self.cfg.order_bias
+
+    def recency_parameters(self) -> list[nn.Parameter]:
+        """The recency prior's scalars: lambda_t, lambda_o and, when windowed, lambda_w and the width."""
+        return [self.lambda_t, self.lambda_o, *([self.window_lambda, self.window_width] if self.windowed else [])]
 
     @torch.no_grad()
     def set_centers(self, queries: torch.Tensor, records: torch.Tensor) -> None:
@@ -93,14 +118,22 @@ class TimeAwarePooling(nn.Module):
             return None
         return self.beta * F.cosine_similarity(q.float() - self.query_center, h.float() - self.record_center, dim=-1)
 
+    def time_penalty(self, dt: torch.Tensor) -> torch.Tensor:
+        """lambda_t * log(1 + days), zeros while the time bias is off; any shape."""
+        return self.lambda_t * torch.log1p(dt.clamp_min(0)) if self.cfg.time_bias else torch.zeros_like(dt)
+
+    def order_penalty(self, dpos: torch.Tensor) -> torch.Tensor:
+        """lambda_o * log(1 + dpos) [+ lambda_w * softplus(dpos - w)], zeros while the order bias is off."""
+        if not self.cfg.order_bias:
+            return torch.zeros_like(dpos)
+        out = self.lambda_o * torch.log1p(dpos.clamp_min(0))
+        if self.windowed:
+            out = out + self.window_lambda * F.softplus(dpos - self.window_width)
+        return out
+
     def bias(self, dt: torch.Tensor, dpos: torch.Tensor) -> torch.Tensor:
         """(T,) temporal penalty subtracted from the scores."""
-        out = torch.zeros_like(dt)
-        if self.cfg.time_bias:
-            out = out + self.lambda_t * torch.log1p(dt.clamp_min(0))
-        if self.cfg.order_bias:
-            out = out + self.lambda_o * torch.log1p(dpos.clamp_min(0))
-        return out
+        return self.time_penalty(dt) + self.order_penalty(dpos)
 
     def forward(
         self,

@@ -170,8 +170,10 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
 
 
 def pooling_settings(pooling) -> dict:
-    """``asdict(pooling)`` without ``content_beta`` while it is off, so rows written before it existed match."""
-    return {k: v for k, v in asdict(pooling).items() if k != "content_beta" or v is not None}
+    """``asdict(pooling)`` without ``content_beta`` while off and without ``window`` while it does not apply (unset,
+    or the order bias off, as in ``tapper_no_time``), so rows written before they existed match."""
+    off = {"content_beta": pooling.content_beta is None, "window": pooling.window is None or not pooling.order_bias}
+    return {k: v for k, v in asdict(pooling).items() if not off.get(k, False)}
 
 
 def oppu_config(cfg: BenchmarkConfig) -> OppuConfig:

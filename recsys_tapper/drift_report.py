@@ -75,6 +75,9 @@ def write_drift_markdown(result: dict, path: Path) -> None:
                       "|---|---|---|---|---|---|---|"]
             for name, f, r in lam:
                 on = "yes" if r.get("time_bias") or r.get("order_bias") else "no (λ unused)"
+                if "lambda_w" in r:  # the soft recency window (model.pooling.window)
+                    on += (f"; window λ_w {_fmt(r.get('lambda_w_start'))} → {_fmt(r['lambda_w'])}, "
+                           f"w {_fmt(r.get('window_width_start'))} → {_fmt(r['window_width'])}")
                 if "beta" in r:  # the pooling's content term (model.pooling.content_beta)
                     on += f"; content β {_fmt(r.get('beta_start'))} → {_fmt(r['beta'])}"
                 lines.append(f"| {name} | {f:g} | {_fmt(r.get('lambda_t_start'))} → {_fmt(r['lambda_t'])} | "

@@ -6,13 +6,14 @@
 For every history record j of the query (jagged row of one example, time order):
 
     din_j     = DIN(q, h_j)                                   the scorer, before the penalties
-    score_j   = din_j - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)  [+ content_j]
+    score_j   = din_j - lambda_t * log(1 + dt_j) - lambda_o * log(1 + dpos_j)  [- window_j]  [+ content_j]
+    window_j  = lambda_w * softplus(dpos_j - w)               only with ``model.pooling.window`` set
     content_j = beta * cos(q - mu_q, h_j - mu_h)                only with ``model.pooling.content_beta`` set
     alpha_j   = softmax_j(score_j)                            read from the user tower itself
 
 ``alpha`` is the tower's own output (``model.tower(...)``, the inference path serving runs); ``din`` comes
-from the pooling's public parts (``pooling.scorer`` on the same q and records, ``pooling.lambda_t/_o`` and
-``pooling.cfg``) computed here, since ``embeddings/pooling.py`` has no accessor for the pre-softmax scores.
+from the pooling's public parts (``pooling.scorer`` on the same q and records, ``pooling.time_penalty`` /
+``order_penalty`` and ``pooling.cfg``) computed here, since ``embeddings/pooling.py`` has no accessor for the pre-softmax scores.
 ``softmax(score)`` equals ``alpha`` (checked in the tests; ``alpha_check_max_abs`` in the JSON).
 
 The answer distribution is shown with the prefix (the served path, ``TapperModel.label_probs``) and without
@@ -60,10 +61,6 @@ def register() -> None:
     ConfigStore.instance().store(name="explain_schema", node=ExplainConfig)
 
 
-def _bias(on: bool, lam: float, gap: torch.Tensor) -> torch.Tensor:
-    return lam * torch.log1p(gap.clamp_min(0)) if on else torch.zeros_like(gap)
-
-
 @torch.no_grad()
 def explain(server: Server, user_id: str, question: str, date: float | str | None = None,
             history_records=None, item_id: str | None = None, top_k: int = 5, curve_points: int = 64) -> dict:
@@ -88,7 +85,7 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
         bank = torch.cat([bank, batch.extra_records])
     h = bank[ids]  # (T, d)
     din = pool.scorer(batch.q.expand(len(ids), -1), h).float() if len(ids) else torch.zeros(0)  # (T,)
-    pen_t, pen_o = _bias(pool.cfg.time_bias, lam_t, dt), _bias(pool.cfg.order_bias, lam_o, dpos)
+    pen_t, pen_o = pool.time_penalty(dt).float(), pool.order_penalty(dpos).float()  # (T,) as the pooling applies them
     content = pool.content(batch.q.expand(len(ids), -1), h) if len(ids) else None  # (T,) or None: off
     content = torch.zeros(len(ids)) if content is None else content.detach().float()
     score = din - pen_t - pen_o + content  # (T,)
@@ -133,18 +130,20 @@ def explain(server: Server, user_id: str, question: str, date: float | str | Non
         "time_bias": pool.cfg.time_bias,
         "order_bias": pool.cfg.order_bias,
         "formula": "score = din - lambda_t*log(1+days_before_query) - lambda_o*log(1+position_gap)"
+                   + (" - lambda_w*softplus(position_gap - window_width)" if pool.windowed else "")
                    + (" + beta*cos(q - mu_q, h - mu_h)" if pool.cfg.content_beta is not None else "")
                    + "; alpha = softmax(score)",
         **({"beta": float(pool.beta)} if pool.cfg.content_beta is not None else {}),
+        **({"lambda_w": float(pool.window_lambda), "window_width": float(pool.window_width)} if pool.windowed else {}),
         "alpha_check_max_abs": check,
         "alpha_entropy": ent,
         "effective_records": math.exp(ent) if records else 0.0,
         "records": records,
         "top": order[:top_k],
         "penalty_curves": {
-            "days": days, "time_penalty": [lam_t * math.log1p(x) if pool.cfg.time_bias else 0.0 for x in days],
+            "days": days, "time_penalty": pool.time_penalty(torch.tensor(days, dtype=torch.float64)).tolist(),
             "position_gap": [float(g) for g in gaps],
-            "order_penalty": [lam_o * math.log1p(g) if pool.cfg.order_bias else 0.0 for g in gaps],
+            "order_penalty": pool.order_penalty(torch.tensor(gaps, dtype=torch.float64)).tolist(),
         },
         "answer": {"labels": labels, "with_prefix": dist(with_p), "without_prefix": dist(without_p),
                    "without_prefix_is": "the same LM (bridge LoRA included) given no soft tokens"},
@@ -199,7 +198,9 @@ def plot_explain(data: dict, path: str | Path, title_note: str = "") -> Path:
     ax.set_xlabel("Δdays", color="C0")
     ax.set_ylabel("penalty subtracted from the score")
     top = ax.twiny()
-    top.plot(c["position_gap"], c["order_penalty"], color="C1", label=f"λ_o·log(1+Δpos), λ_o={data['lambda_o']:.4g}")
+    top.plot(c["position_gap"], c["order_penalty"], color="C1", label=f"λ_o·log(1+Δpos), λ_o={data['lambda_o']:.4g}"
+             + (f" + λ_w·softplus(Δpos−w), λ_w={data['lambda_w']:.3g}, w={data['window_width']:.3g}"
+                if "lambda_w" in data else ""))
     top.set_xlabel("Δpos", color="C1")
     lines = ax.get_lines() + top.get_lines()
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="best")

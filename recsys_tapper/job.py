@@ -44,7 +44,7 @@ from recsys_tapper.executors import Executor, LocalExecutor
 from recsys_tapper.features import FeatureBuilder, feature_builder
 from recsys_tapper.io import atomic_write_bytes, atomic_write_text
 from recsys_tapper.label_scoring import class_report, classify_rows
-from recsys_tapper.model import TapperModel, lambda_report
+from recsys_tapper.model import TapperModel, lambda_report, recency_values
 from recsys_tapper.pipeline import (
     data_report,
     frozen_digest,
@@ -131,11 +131,11 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
         raise InputError(f"model.lambda_init {m.lambda_init!r} is not one of {LAMBDA_INITS}")
     if m.lambda_init == "data":  # every rank fits the same prior from the same samples
         init_lambdas(pool, s2, record_answers(train, fb), fb.task)
-    model.lambda_start = {"lambda_t": pool.lambda_t.item(), "lambda_o": pool.lambda_o.item()}
+    model.lambda_start = recency_values(pool)
     if m.pooling.content_beta is not None:  # the content term's centers: the training questions, the bank
         pool.set_centers(fb.encoder.encode([s.question for s in s2]), fb.bank.vectors)
     prefill_trunk(trunk, fb, s2, with_labels=True)
-    lambdas = [pool.lambda_t, pool.lambda_o]
+    lambdas = pool.recency_parameters()
     dense = [p for p in pool.parameters() if t.lr_lambda is None or all(p is not q for q in lambdas)]
     dense += list(model.projector.parameters())
     dense += list(model.items.up.parameters()) if model.items else []

@@ -210,15 +210,22 @@ class TapperModel(nn.Module):
         return torch.softmax(logits[torch.arange(len(pos)), pos][:, label_ids].float(), dim=-1)
 
 
+def recency_values(pool) -> dict:
+    """The pooling's recency scalars by name: lambda_t, lambda_o and, with the soft window applied, lambda_w and
+    window_width (``model.pooling.window``)."""
+    names = ["lambda_t", "lambda_o", *(["lambda_w", "window_width"] if pool.windowed else [])]
+    return {k: p.detach().item() for k, p in zip(names, pool.recency_parameters())}
+
+
 def lambda_report(model: TapperModel) -> dict:
-    """lambda_t, lambda_o after Stage 2, where Stage 2 started them (``*_start``) and whether each bias is on;
-    with the content term, its beta and where it started (``model.pooling.content_beta``)."""
+    """lambda_t, lambda_o (and the soft window's lambda_w, width) after Stage 2, where Stage 2 started them
+    (``*_start``) and whether each bias is on; with the content term, its beta and where it started
+    (``model.pooling.content_beta``)."""
     pool = model.tower.pooling
     start = getattr(model, "lambda_start", {})
     content = ({"beta": pool.beta.detach().item(), "beta_start": pool.cfg.content_beta}
                if pool.cfg.content_beta is not None else {})
-    return {"lambda_t": pool.lambda_t.detach().item(), "lambda_o": pool.lambda_o.detach().item(),
-            **{f"{k}_start": v for k, v in start.items()},
+    return {**recency_values(pool), **{f"{k}_start": v for k, v in start.items()},
             "time_bias": pool.cfg.time_bias, "order_bias": pool.cfg.order_bias, **content}
 
 

@@ -14,7 +14,9 @@ For Stage-2 samples s (target answer a_s, visible records j with answers a_j, da
 For a label task Σ_j alpha_sj y_sj is the probability that the recency-weighted vote of the history gives the
 target's label, so maximising J spreads attention over the records that still agree (after a drift: the recent
 ones) instead of betting on the last record. A user without drift gives J flat in the lambdas: they stay near 0.
-Only the biases the pooling applies (``time_bias``, ``order_bias``) are fitted.
+Only the biases the pooling applies (``time_bias``, ``order_bias``) are fitted. With the pooling's soft recency
+window (``model.pooling.window``) the order penalty gains lambda_w·softplus(dpos_j - w), and ``init_lambdas`` fits
+lambda_w and the width w with the lambdas (the width from its configured start, unshrunk).
 
 Example::
 
@@ -60,6 +62,30 @@ def agreement(task: Task, target: str, answer: str) -> float:
     return len(a & b) / len(a | b) if a | b else 0.0
 
 
+def _fit(samples: Sequence[Sample], answers: Mapping[int, str], task: Task, params: list[torch.Tensor],
+         penalty, shrink: list[torch.Tensor], eps: float, rho: float, steps: int, lr: float) -> bool:
+    """Maximise J (module docstring) over ``params`` in place by full-batch Adam from where they stand;
+    ``penalty(dt, dpos)`` gives the (T,) bias, ``shrink`` the scalars under the rho·x² term. False (nothing
+    changed) when no sample has a fully answered visible history."""
+    keep = [s for s in samples if s.answer is not None and s.history_rows
+            and all(r in answers for r in s.history_rows)]
+    if not keep or not params:
+        return False
+    hist = build_history([s.history_rows for s in keep], [s.history_days for s in keep], [s.query_day for s in keep])
+    seg = segment_ids(hist.lengths())  # (T,)
+    y = torch.tensor([agreement(task, s.answer, answers[r]) for s in keep for r in s.history_rows])  # (T,)
+    dt, dpos = hist.dt.values().float(), hist.order_gaps()  # (T,)
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        alpha = segment_softmax(-penalty(dt, dpos), seg, len(keep))  # (T,)
+        p = segment_sum((alpha * y)[:, None], seg, len(keep))[:, 0]  # (S,)
+        loss = -torch.log(eps + (1 - eps) * p).mean() + rho * sum(x.pow(2).sum() for x in shrink)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return True
+
+
 def fit_lambdas(samples: Sequence[Sample], answers: Mapping[int, str], task: Task, time_bias: bool = True,
                 order_bias: bool = True, eps: float = 0.05, rho: float = 1e-3, steps: int = 300,
                 lr: float = 0.05) -> tuple[float, float]:
@@ -70,35 +96,41 @@ def fit_lambdas(samples: Sequence[Sample], answers: Mapping[int, str], task: Tas
         answers: bank row -> answer of that record (:func:`record_answers`).
         task: decides the agreement (:func:`agreement`).
     """
-    keep = [s for s in samples if s.answer is not None and s.history_rows
-            and all(r in answers for r in s.history_rows)]
-    if not keep or not (time_bias or order_bias):
-        return 0.0, 0.0
-    hist = build_history([s.history_rows for s in keep], [s.history_days for s in keep], [s.query_day for s in keep])
-    lengths = hist.lengths()
-    seg = segment_ids(lengths)  # (T,)
-    y = torch.tensor([agreement(task, s.answer, answers[r]) for s in keep for r in s.history_rows])  # (T,)
-    ft = torch.log1p(hist.dt.values().float().clamp_min(0)) if time_bias else torch.zeros_like(y)  # (T,)
-    fo = torch.log1p(hist.order_gaps().clamp_min(0)) if order_bias else torch.zeros_like(y)  # (T,)
     lam = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.Adam([lam], lr=lr)
-    for _ in range(steps):
-        alpha = segment_softmax(-(lam[0] * ft + lam[1] * fo), seg, len(keep))  # (T,)
-        p = segment_sum((alpha * y)[:, None], seg, len(keep))[:, 0]  # (S,)
-        loss = -torch.log(eps + (1 - eps) * p).mean() + rho * lam.pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+
+    def penalty(dt, dpos):
+        return lam[0] * torch.log1p(dt.clamp_min(0)) * time_bias + lam[1] * torch.log1p(dpos.clamp_min(0)) * order_bias
+
+    if not (time_bias or order_bias) or not _fit(samples, answers, task, [lam], penalty, [lam], eps, rho, steps, lr):
+        return 0.0, 0.0
     lt, lo = lam.detach().tolist()
     return (lt if time_bias else 0.0), (lo if order_bias else 0.0)
 
 
-def init_lambdas(pooling, samples: Sequence[Sample], answers: Mapping[int, str], task: Task) -> tuple[float, float]:
-    """Set ``pooling.lambda_t`` / ``lambda_o`` (the enabled ones) to :func:`fit_lambdas`; returns the fit."""
-    lt, lo = fit_lambdas(samples, answers, task, pooling.cfg.time_bias, pooling.cfg.order_bias)
+def init_lambdas(pooling, samples: Sequence[Sample], answers: Mapping[int, str], task: Task, eps: float = 0.05,
+                 rho: float = 1e-3, steps: int = 300, lr: float = 0.05) -> list[float]:
+    """Fit the pooling's own enabled recency scalars to J, in place, with its own penalty
+    (``TimeAwarePooling.bias``): lambda_t, lambda_o (the fit of :func:`fit_lambdas`) and, with the soft window,
+    lambda_w and the width. The lambdas start at 0, the width at ``pooling.cfg.window``; rho shrinks the lambdas
+    only. Returns ``pooling.recency_parameters()``'s values (a disabled bias keeps its start; with no sample to
+    fit, the enabled lambdas stay at 0 and the width at its start)."""
+    params = pooling.recency_parameters()
+    on = ([pooling.lambda_t] if pooling.cfg.time_bias else []) + (
+        [p for p in params if p is not pooling.lambda_t] if pooling.cfg.order_bias else [])
+    lambdas = [p for p in on if not (pooling.windowed and p is pooling.window_width)]
     with torch.no_grad():
-        if pooling.cfg.time_bias:
-            pooling.lambda_t.fill_(lt)
-        if pooling.cfg.order_bias:
-            pooling.lambda_o.fill_(lo)
-    return lt, lo
+        for p in lambdas:
+            p.zero_()
+        if pooling.windowed:
+            pooling.window_width.fill_(float(pooling.cfg.window))
+    grads = [p.requires_grad for p in pooling.parameters()]
+    for p in pooling.parameters():  # the DIN scorer is not part of J
+        p.requires_grad_(any(p is q for q in on))
+    try:
+        _fit(samples, answers, task, on, pooling.bias, lambdas, eps, rho, steps, lr)
+    finally:
+        for p, g in zip(pooling.parameters(), grads):
+            p.requires_grad_(g)
+        for p in on:
+            p.grad = None
+    return [p.detach().item() for p in params]

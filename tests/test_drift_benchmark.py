@@ -272,3 +272,16 @@ def test_rating_defaults_turn_on_the_content_term_and_tapper_no_content_trains_o
     assert rows["rating|0.5|tapper"]["beta_start"] == 10.0 and "beta" not in rows["rating|0.5|tapper_no_content"]
     md = (tmp_path / "drift.md").read_text()
     assert md.count("content β 10.000 → ") == 2 and "| tapper_no_content | 0.5 | " in md  # not in no_content's
+
+
+def test_the_soft_window_is_in_tappers_row_settings_and_not_in_no_times():
+    """``model.pooling.window`` applies with the order bias only, so ``tapper_no_time`` (both biases off) keeps
+    the settings, and so the rows, it had without the window; ``tapper``'s settings change with it."""
+    from recsys_tapper.drift_benchmark import row_settings, task_config
+
+    plain = task_config(drift_config([]), "tagging")
+    win = task_config(drift_config(["+task_overrides.tagging.model.pooling.window=5"]), "tagging")
+    assert win.model.pooling.window == 5.0 and plain.model.pooling.window is None
+    assert row_settings(win, "tapper_no_time", "tagging") == row_settings(plain, "tapper_no_time", "tagging")
+    assert row_settings(win, "tapper", "tagging")["pooling"]["window"] == 5.0
+    assert "window" not in row_settings(plain, "tapper", "tagging")["pooling"]

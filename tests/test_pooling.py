@@ -176,3 +176,58 @@ def test_content_term_is_off_by_default_and_leaves_the_papers_state_names():
     assert set(off.state_dict()) == {k for k in on.state_dict() if k not in ("beta", "query_center", "record_center")}
     assert off.content(torch.randn(3, 8), torch.randn(3, 8)) is None
     assert float(on.beta.detach()) == 10.0 and "beta" in on.state_dict() and "query_center" in on.state_dict()
+
+
+def test_soft_window_subtracts_lambda_w_softplus_past_the_width_by_hand():
+    """window=w: s_j = DIN - lambda_t log(1+dt) - lambda_o log(1+dpos) - lambda_w softplus(dpos - width); the
+    training path, the inference path and the naive loop agree with a hand computation, and both window scalars
+    learn."""
+    rows, days, qdays, bank, q = _random_batch()
+    pool = TimeAwarePooling(TimeAwarePoolingConfig(window=2.0), d=8)
+    assert pool.windowed and float(pool.window_width) == 2.0 and float(pool.window_lambda) == 1.0
+    with torch.no_grad():
+        pool.lambda_t.fill_(0.3)
+        pool.lambda_o.fill_(0.2)
+        pool.window_lambda.fill_(1.7)
+    hist = build_history(rows, days, qdays)
+    c, alpha = pool(q, hist, bank)
+    c_inf, alpha_inf = pool.infer(q, hist, bank)
+    want_c, want_alpha = [], []
+    for b, r in enumerate(rows):
+        if not r:
+            want_c.append(torch.zeros(8))
+            continue
+        h = bank[torch.tensor(r)]
+        dt, dp = gaps(days[b], qdays[b])
+        pen = [0.3 * math.log1p(t) + 0.2 * math.log1p(g) + 1.7 * math.log1p(math.exp(g - 2.0)) for t, g in zip(dt, dp)]
+        with torch.no_grad():
+            s = pool.scorer.reference(q[b].expand_as(h), h) - torch.tensor(pen)
+        a = torch.softmax(s, 0)
+        want_alpha.append(a)
+        want_c.append(a @ h)
+    assert_close(alpha.detach(), torch.cat(want_alpha), rtol=1e-5, atol=1e-6)
+    assert_close(c.detach(), torch.stack(want_c), rtol=1e-5, atol=1e-6)
+    assert_close(alpha_inf, alpha.detach(), rtol=1e-5, atol=1e-6)
+    assert_close(c_inf, c.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ref = pool.reference(q, [bank[torch.tensor(r, dtype=torch.long)] for r in rows],
+                             [torch.tensor(gaps(dd, qd)[0]) for dd, qd in zip(days, qdays)],
+                             [torch.tensor(gaps(dd, qd)[1]) for dd, qd in zip(days, qdays)])
+    assert_close(ref, c.detach(), rtol=1e-5, atol=1e-6)
+    (c * torch.randn_like(c)).sum().backward()
+    assert float(pool.window_lambda.grad.abs()) > 0 and float(pool.window_width.grad.abs()) > 0
+    assert pool.recency_parameters() == [pool.lambda_t, pool.lambda_o, pool.window_lambda, pool.window_width]
+
+
+def test_soft_window_is_off_by_default_and_dropped_with_the_order_bias():
+    off = TimeAwarePooling(TimeAwarePoolingConfig(), d=8)
+    on = TimeAwarePooling(TimeAwarePoolingConfig(window=5.0), d=8)
+    no_order = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False, order_bias=False, window=5.0), d=8)
+    assert set(off.state_dict()) == {k for k in on.state_dict() if k not in ("window_lambda", "window_width")}
+    assert set(no_order.state_dict()) == set(off.state_dict()) and not no_order.windowed
+    assert no_order.recency_parameters() == [no_order.lambda_t, no_order.lambda_o]
+    dpos = torch.arange(1.0, 11.0)
+    assert_close(no_order.bias(torch.ones(10), dpos), torch.zeros(10))
+    pen = on.order_penalty(dpos).detach() - on.lambda_o.detach() * torch.log1p(dpos)  # the window's part
+    # inside the window the window's penalty stays under softplus(0) = log 2; 5 places past it, above 5
+    assert float(pen[:5].max()) <= math.log(2) + 1e-6 and float(pen[9]) > 5.0

@@ -89,3 +89,44 @@ def test_stage2_starts_the_lambdas_from_the_data_and_trains_them_at_their_own_ra
     moved = [abs(tp["lambda_t"] - lt), abs(tp["lambda_o"] - lo)]
     assert min(moved) > 3e-3 * steps, (moved, steps)
     assert torch.isfinite(torch.tensor(moved)).all()
+
+
+def _agreement_prob(pool, samples, answers):
+    """Mean over samples of sum_j alpha_sj y_sj under the pooling's own penalty (no DIN)."""
+    out = []
+    for s in samples:
+        n = len(s.history_rows)
+        dt = torch.tensor([s.query_day - d for d in s.history_days])
+        dpos = torch.arange(n, 0, -1, dtype=torch.float32)
+        alpha = torch.softmax(-pool.bias(dt, dpos), 0)
+        out.append(float(alpha @ torch.tensor([float(answers[r] == s.answer) for r in s.history_rows])))
+    return sum(out) / len(out)
+
+
+def test_the_data_prior_fits_the_soft_window_and_reads_a_recent_drift_better_than_the_power_law():
+    """init_lambdas fits the pooling's own recency scalars; with ``window`` it fits lambda_w and the width too.
+    Histories of six x then the three records (y y z) in each order, before a y target: the best prior weighs the
+    last three alike (2/3 agreement), which a window can and a power law in the gap cannot (it must either bet
+    on the last record or spread onto the x's)."""
+    from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
+    from recsys_tapper.recency_prior import init_lambdas
+
+    samples, answers = [], {}
+    for i, tail in enumerate([["y", "y", "z"], ["y", "z", "y"], ["z", "y", "y"]] * 2):
+        hist = ["x"] * 6 + tail
+        rows = list(range(len(answers), len(answers) + len(hist)))
+        answers.update(zip(rows, hist))
+        samples.append(Sample(f"s{i}", "u", rows, [3.0 * j for j in range(len(hist))], 3.0 * len(hist), "q", "y"))
+    plain = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False), d=4)
+    got = init_lambdas(plain, samples, answers, TAG)
+    assert got[1] == pytest.approx(fit_lambdas(samples, answers, TAG, time_bias=False)[1], abs=1e-6)
+    windowed = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False, window=5.0), d=4)
+    t_before = float(windowed.lambda_t)
+    lt, _lo, lw, width = init_lambdas(windowed, samples, answers, TAG)
+    assert lt == t_before  # the time bias is off: its scalar is left alone
+    assert lw > 1.0 and 2.0 < width < 4.0  # the window closes in on the last three records
+    with torch.no_grad():
+        p_plain, p_win = _agreement_prob(plain, samples, answers), _agreement_prob(windowed, samples, answers)
+    assert p_plain < 0.62 < 0.64 < p_win <= 2 / 3, (p_plain, p_win)
+    assert all(p.grad is None for p in windowed.parameters())
+    assert all(p.requires_grad for p in windowed.parameters())
