@@ -201,9 +201,11 @@ def test_local_executor_and_torchrun_at_world_sizes_1_and_2_agree(tmp_path):
 
 
 def _content(cfg):
-    """The drift rating defaults' options: SIF-weighted vectors and the pooling's content term."""
+    """The pooling's opt-in terms: the drift rating defaults' SIF-weighted vectors and content term, and the soft
+    recency window (``model.pooling.window``)."""
     cfg.model.text_weighting = "sif"
     cfg.model.pooling.content_beta = 5.0
+    cfg.model.pooling.window = 3.0
     return cfg
 
 
@@ -221,7 +223,7 @@ def _content_worker(root: str) -> dict:
 
 @pytest.mark.slow
 def test_the_content_term_trains_the_same_on_two_ranks_as_locally(tmp_path):
-    """model.text_weighting=sif + model.pooling.content_beta under torchrun (2 gloo ranks, data_parallel table,
+    """model.text_weighting=sif + model.pooling.content_beta (+ model.pooling.window) under torchrun (2 gloo ranks, data_parallel table,
     adamw) == the local executor: Stage-2 losses (which the content term's centers and beta shape), rows and
     predictions."""
     from recsys_tapper.executors import LocalExecutor
@@ -243,4 +245,7 @@ def test_the_content_term_trains_the_same_on_two_ranks_as_locally(tmp_path):
     _close([r["expected"] for r in r0["predictions"]], [r["expected"] for r in local["predictions"]["tapper"]],
            "content term: predictions")
     # the term is on and moved: beta left its start (a parity of an unused term would prove nothing)
-    assert local["methods"]["tapper"]["beta_start"] == 5.0 and local["methods"]["tapper"]["beta"] != 5.0
+    tp = local["methods"]["tapper"]
+    assert tp["beta_start"] == 5.0 and tp["beta"] != 5.0
+    assert (tp["lambda_w_start"], tp["window_width_start"]) == (1.0, 3.0)
+    assert tp["lambda_w"] != 1.0 and tp["window_width"] != 3.0

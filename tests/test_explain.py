@@ -115,3 +115,28 @@ def test_tapper_explain_writes_a_png_and_the_json(model_dir, tmp_path, server, d
         main(["explain", f"model_dir={model_dir}", "user=syn0", "question=q", "date=13/45/2020",
               f"out={tmp_path / 'bad'}"])
     assert e.value.code == 2 and not (tmp_path / "bad.json").exists()
+
+
+def test_a_windowed_pooling_explains_the_window_in_its_order_penalty(model_dir):
+    """With ``model.pooling.window`` the order penalty is lambda_o log(1+g) + lambda_w softplus(g - w), in the
+    records, the curve and the formula, and softmax(score) is still the tower's own alpha."""
+    from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
+
+    srv = Server(model_dir)
+    old = srv.model.tower.pooling
+    pool = TimeAwarePooling(TimeAwarePoolingConfig(**{**vars(old.cfg), "window": 3.0}), d=old.scorer.d)
+    pool.load_state_dict(old.state_dict(), strict=False)
+    with torch.no_grad():
+        pool.window_lambda.fill_(2.0)
+        pool.window_width.fill_(2.5)
+    srv.model.tower.pooling = pool
+    out = explain(srv, "syn0", Q, date=QUERY_DAY)
+    lam_o = float(pool.lambda_o.detach())
+    gaps = [r["position_gap"] for r in out["records"]]
+    want = [lam_o * math.log1p(g) + 2.0 * math.log1p(math.exp(g - 2.5)) for g in gaps]
+    assert [r["order_penalty"] for r in out["records"]] == pytest.approx(want, rel=1e-5)
+    assert out["penalty_curves"]["order_penalty"] == pytest.approx(
+        [lam_o * math.log1p(g) + 2.0 * math.log1p(math.exp(g - 2.5)) for g in out["penalty_curves"]["position_gap"]],
+        rel=1e-9)
+    assert out["alpha_check_max_abs"] < 1e-6 and out["lambda_w"] == 2.0 and out["window_width"] == 2.5
+    assert "softplus(position_gap - window_width)" in out["formula"]
