@@ -165,6 +165,7 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             # only when set, so rows written before these settings existed are still reused
             **({"lr_lambda": t.lr_lambda} if t.lr_lambda is not None else {}),
             **({"lambda_init": m.lambda_init} if m.lambda_init is not None else {}),
+            **({"lambda_init_latest": m.lambda_init_latest} if m.lambda_init_latest is not None else {}),
             **({"record_label_weight": m.record_label_weight} if m.record_label_weight else {}),
             **({"text_weighting": m.text_weighting} if m.text_weighting != "mean" else {})}
 

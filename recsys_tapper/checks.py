@@ -44,6 +44,9 @@ def check_run_config(cfg) -> None:
     check_table_optimizer(cfg.trainer.table_optimizer, getattr(getattr(cfg, "dist", None), "sharding", None))
     if cfg.model.lambda_init not in LAMBDA_INITS:
         raise InputError(f"model.lambda_init {cfg.model.lambda_init!r} is not one of null, data")
+    latest = cfg.model.lambda_init_latest
+    if latest is not None and (latest < 1 or cfg.model.lambda_init != "data"):
+        raise InputError(f"model.lambda_init_latest={latest} needs model.lambda_init=data and a count >= 1")
     check_readout(cfg.trainer)
     check_prefix_layer(cfg.model)
     from recsys_tapper.features import check_text_weighting

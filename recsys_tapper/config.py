@@ -42,6 +42,9 @@ class ModelConfig:
         ``recsys_tapper.features.text_weights``), with which ``pooling.content_beta`` can tell a record's topic.
     lambda_init: None = the paper's N(0, 0.02) start of lambda_t, lambda_o; ``data`` = the recency prior that best
         predicts each Stage-2 target's answer from its history's answers (``recsys_tapper.recency_prior``).
+    lambda_init_latest: with ``lambda_init=data``, fit that prior on each user's k latest Stage-2 targets only
+        (None = every target). They are the targets nearest the queries' time: after a recent drift most older
+        targets follow the old rule, and a prior fitted on them learns to read old records.
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -64,6 +67,7 @@ class ModelConfig:
     warm_start: str | None = None
     warm_start_rank: int = 32
     lambda_init: str | None = None
+    lambda_init_latest: int | None = None
     record_label_weight: float = 0.0
     text_weighting: str = "mean"
 

@@ -56,7 +56,7 @@ from recsys_tapper.pipeline import (
     seed_everything,
     stage1_samples,
 )
-from recsys_tapper.recency_prior import init_lambdas, record_answers
+from recsys_tapper.recency_prior import init_lambdas, latest_targets, record_answers
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import CLASSIFICATION, RATING, get_task
 from recsys_tapper.users import UserIndex
@@ -130,7 +130,7 @@ def train_stage2(cfg: RunConfig, lm, fb: FeatureBuilder, users: UserIndex, train
     if m.lambda_init not in LAMBDA_INITS:
         raise InputError(f"model.lambda_init {m.lambda_init!r} is not one of {LAMBDA_INITS}")
     if m.lambda_init == "data":  # every rank fits the same prior from the same samples
-        init_lambdas(pool, s2, record_answers(train, fb), fb.task)
+        init_lambdas(pool, latest_targets(s2, m.lambda_init_latest), record_answers(train, fb), fb.task)
     model.lambda_start = recency_values(pool)
     if m.pooling.content_beta is not None:  # the content term's centers: the training questions, the bank
         pool.set_centers(fb.encoder.encode([s.question for s in s2]), fb.bank.vectors)

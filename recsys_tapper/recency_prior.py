@@ -17,6 +17,7 @@ ones) instead of betting on the last record. A user without drift gives J flat i
 Only the biases the pooling applies (``time_bias``, ``order_bias``) are fitted. With the pooling's soft recency
 window (``model.pooling.window``) the order penalty gains lambda_w·softplus(dpos_j - w), and ``init_lambdas`` fits
 lambda_w and the width w with the lambdas (the width from its configured start, unshrunk).
+``model.lambda_init_latest=k`` fits the prior on each user's k latest targets only (:func:`latest_targets`).
 
 Example::
 
@@ -52,6 +53,17 @@ def record_answers(examples: Sequence[LampExample], fb: FeatureBuilder) -> dict[
             if row is not None and field in r.fields:
                 out[row] = str(r.fields[field]).strip()
     return out
+
+
+def latest_targets(samples: Sequence[Sample], k: int | None) -> list[Sample]:
+    """Each user's k latest samples (most history records first seen; None = all), in their given order."""
+    if k is None:
+        return list(samples)
+    by_user: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_user.setdefault(s.user, []).append(i)
+    keep = {i for idx in by_user.values() for i in sorted(idx, key=lambda i: -len(samples[i].history_rows))[:k]}
+    return [s for i, s in enumerate(samples) if i in keep]
 
 
 def agreement(task: Task, target: str, answer: str) -> float:

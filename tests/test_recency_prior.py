@@ -127,6 +127,32 @@ def test_the_data_prior_fits_the_soft_window_and_reads_a_recent_drift_better_tha
     assert lw > 1.0 and 2.0 < width < 4.0  # the window closes in on the last three records
     with torch.no_grad():
         p_plain, p_win = _agreement_prob(plain, samples, answers), _agreement_prob(windowed, samples, answers)
-    assert p_plain < 0.62 < 0.64 < p_win <= 2 / 3, (p_plain, p_win)
+    assert p_plain < 0.62 and 0.64 < p_win <= 2 / 3, (p_plain, p_win)
     assert all(p.grad is None for p in windowed.parameters())
     assert all(p.requires_grad for p in windowed.parameters())
+
+
+def test_latest_targets_keeps_each_users_k_latest_in_order():
+    from recsys_tapper.recency_prior import latest_targets
+
+    s = [Sample(f"{u}{n}", u, list(range(n)), [0.0] * n, float(n), "q", "y") for n in (1, 3, 2) for u in "ab"]
+    got = latest_targets(s, 2)
+    assert [x.id for x in got] == ["a3", "b3", "a2", "b2"]
+    assert latest_targets(s, None) == s and [x.id for x in latest_targets(s, 1)] == ["a3", "b3"]
+
+
+def test_lambda_init_latest_needs_the_data_prior_and_a_positive_count():
+    from conftest import tiny_config
+
+    from recsys_tapper.checks import check_run_config
+    from recsys_tapper.errors import InputError
+
+    cfg = tiny_config("/tmp/unused")
+    cfg.model.lambda_init_latest = 5
+    with pytest.raises(InputError, match="lambda_init=data"):
+        check_run_config(cfg)
+    cfg.model.lambda_init = "data"
+    check_run_config(cfg)
+    cfg.model.lambda_init_latest = 0
+    with pytest.raises(InputError, match="count >= 1"):
+        check_run_config(cfg)
