@@ -13,7 +13,8 @@ For every history record j of the query (jagged row of one example, time order):
 
 ``alpha`` is the tower's own output (``model.tower(...)``, the inference path serving runs); ``din`` comes
 from the pooling's public parts (``pooling.scorer`` on the same q and records, ``pooling.time_penalty`` /
-``order_penalty`` and ``pooling.cfg``) computed here, since ``embeddings/pooling.py`` has no accessor for the pre-softmax scores.
+``order_penalty`` and ``pooling.cfg``) computed here, since ``embeddings/pooling.py`` has no accessor for the
+pre-softmax scores.
 ``softmax(score)`` equals ``alpha`` (checked in the tests; ``alpha_check_max_abs`` in the JSON).
 
 The answer distribution is shown with the prefix (the served path, ``TapperModel.label_probs``) and without
