@@ -156,7 +156,8 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
     t, m = cfg.trainer, cfg.model
     return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
             "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
-            "projector": asdict(m.projector), "pooling": pooling_settings(m.pooling), "user_dim": m.user_dim,
+            "projector": asdict(m.projector), "user_dim": m.user_dim,
+            "pooling": pooling_settings(m.pooling, ABLATIONS[name].get("model", {}).get("pooling", {})),
             "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history, "prefix_layer": m.prefix_layer,
             "item_dim": m.item_dim, "item_slots": m.item_slots, "warm_start": m.warm_start,
             "warm_start_rank": m.warm_start_rank, "trunk_dtype": m.trunk_dtype,
@@ -170,10 +171,12 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             **({"text_weighting": m.text_weighting} if m.text_weighting != "mean" else {})}
 
 
-def pooling_settings(pooling) -> dict:
-    """``asdict(pooling)`` without ``content_beta`` while off and without ``window`` while it does not apply (unset,
-    or the order bias off, as in ``tapper_no_time``), so rows written before they existed match."""
-    off = {"content_beta": pooling.content_beta is None, "window": pooling.window is None or not pooling.order_bias}
+def pooling_settings(pooling, override: dict | None = None) -> dict:
+    """``asdict(pooling)`` without ``content_beta`` while off and without ``window`` while it does not apply: unset,
+    or the order bias off in ``pooling`` or in the method's ``override`` (``tapper_no_time``'s; the override itself
+    is recorded beside, under ``overrides``). So rows written before these keys existed match."""
+    order_bias = (override or {}).get("order_bias", pooling.order_bias)
+    off = {"content_beta": pooling.content_beta is None, "window": pooling.window is None or not order_bias}
     return {k: v for k, v in asdict(pooling).items() if not off.get(k, False)}
 
 
