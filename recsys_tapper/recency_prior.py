@@ -135,14 +135,9 @@ def init_lambdas(pooling, samples: Sequence[Sample], answers: Mapping[int, str],
             p.zero_()
         if pooling.windowed:
             pooling.window_width.fill_(float(pooling.cfg.window))
-    grads = [p.requires_grad for p in pooling.parameters()]
-    for p in pooling.parameters():  # the DIN scorer is not part of J
-        p.requires_grad_(any(p is q for q in on))
-    try:
+    try:  # pooling.bias reads only the enabled recency scalars: no gradient reaches the DIN scorer
         _fit(samples, answers, task, on, pooling.bias, lambdas, eps, rho, steps, lr)
     finally:
-        for p, g in zip(pooling.parameters(), grads):
-            p.requires_grad_(g)
         for p in on:
             p.grad = None
     return [p.detach().item() for p in params]
