@@ -47,7 +47,7 @@ from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage1, train_stage2
 from recsys_tapper.model import TapperModel
 from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
-from recsys_tapper.runmeta import run_meta
+from recsys_tapper.runmeta import code_hash, run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 
@@ -67,6 +67,9 @@ class BenchmarkConfig(RunConfig):
     results_dir: where ml100k.json/.md/.png go.
     resume: skip methods already in the results JSON of the same settings (false: start a new table).
     rerun: methods to compute again even when a matching row exists (the other rows are kept).
+    same_code: reuse a row only when it also ran this code (its ``code_hash``, see :func:`runmeta.code_hash`),
+        so that a table resumed across sessions and commits is one code's table; rows older than the hash are
+        recomputed.
     rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     paper_per_user: Stage-2 targets per user of ``tapper_paper`` (k = 0 costs ~15x more per example).
     oppu_per_user: OPPU's training targets per user (a per-user LoRA trained through all layers: the full history
@@ -79,6 +82,7 @@ class BenchmarkConfig(RunConfig):
     results_dir: str = "benchmarks/results"
     resume: bool = True
     rerun: list[str] = field(default_factory=list)
+    same_code: bool = False
     rag_max_prompt_tokens: int = 192
     paper_per_user: int | None = 2
     oppu_per_user: int | None = 2
@@ -208,9 +212,11 @@ def merge_rows(result: dict, disk: dict, mine: set[str]) -> None:
         result["stage1_s"] = disk.get("stage1_s")
 
 
-def reusable_rows(methods: dict, cfg: BenchmarkConfig) -> dict:
-    """The rows of an earlier run (same shared settings) that this config would reproduce."""
-    return {k: v for k, v in methods.items() if k in METHOD_NAMES and v.get("settings") == method_settings(cfg, k)}
+def reusable_rows(methods: dict, cfg: BenchmarkConfig, code: str | None = None) -> dict:
+    """The rows of an earlier run (same shared settings) that this config would reproduce; with
+    ``cfg.same_code``, only those that also ran the code whose hash is ``code``."""
+    return {k: v for k, v in methods.items() if k in METHOD_NAMES and v.get("settings") == method_settings(cfg, k)
+            and (not cfg.same_code or v.get("code_hash") == code)}
 
 
 def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") -> dict:
@@ -227,19 +233,19 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "ml100k.json"
     settings = _settings(cfg)
-    meta = run_meta(command)
+    meta = {**run_meta(command), "code_hash": code_hash()}
     result = {"methods": {}, "table_started": meta["date"]}
     if cfg.resume and json_path.exists():
         old = json.loads(json_path.read_text())
         if old.get("settings") != settings:  # never overwrite another run's table by accident
             raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
                              "pass results_dir=<another folder> for a new table, or resume=false to replace it")
-        old["methods"] = reusable_rows(old["methods"], cfg)
+        old["methods"] = reusable_rows(old["methods"], cfg, meta["code_hash"])
         result = {"table_started": old.get("date"), **old}
     # every invocation that wrote to this table, in order; each row also records its own git_sha, date and machine
-    keys = ("command", "git_sha", "date", "machine")
+    keys = ("command", "git_sha", "code_hash", "date", "machine")
     runs = result.get("runs") or ([{k: result.get(k) for k in keys}] if "command" in result else [])
-    stamp = {k: meta[k] for k in ("git_sha", "date", "machine")}  # what every row this invocation writes records
+    stamp = {k: meta[k] for k in ("git_sha", "code_hash", "date", "machine")}  # what every row this invocation writes records
     result.update(meta, runs=[*runs, {k: meta[k] for k in keys}], settings=settings,
                   train_examples_per_user=cfg.per_user, epochs=cfg.trainer.stage2.epochs)
     mine: set[str] = set()  # the rows this invocation computes (others' rows are merged in, never overwritten)

@@ -24,6 +24,20 @@ def _readouts(m: dict) -> str:
     return f"{m.get('readout', 'argmax')} / {m.get('rmse_readout', m.get('readout', 'argmax'))}"
 
 
+def code_versions(methods: dict) -> str:
+    """One line: how many code versions (``code_hash``) the rows ran, and which rows ran which."""
+    groups: dict[str, list[str]] = {}
+    for name, m in methods.items():
+        groups.setdefault(m.get("code_hash") or "unrecorded", []).append(name)
+    known = [h for h in groups if h != "unrecorded"]
+    parts = [f"`{h[:12]}`: {', '.join(groups[h])}" for h in known]
+    if "unrecorded" in groups:
+        parts.append(f"not recorded (rows older than the hash): {', '.join(groups['unrecorded'])}")
+    head = ("Every row ran one code version" if len(groups) == 1 and known else
+            f"Rows ran {len(known)} recorded code version(s)")
+    return f"{head} (code hash of the package, configs and pins; README, tests and results excluded): " + "; ".join(parts)
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"# MovieLens-100K time split: {result.get('n_users')} users, {result.get('n_test_queries')} test queries"
@@ -37,6 +51,8 @@ def write_markdown(result: dict, path: Path) -> None:
         *(["Runs that wrote this table: " + "; ".join(
             f"`{r['command']}` (git {_short_sha(r['git_sha'], r.get('dirty'))}, {r['date']})" for r in result["runs"]), ""]
           if result.get("runs") else []),
+        code_versions(result["methods"]),
+        "",
         ("| method | kind | MAE | RMSE | readout (MAE / RMSE) | MAE (E) | RMSE (E) | MAE rounded | unparsable | "
          "train targets/user | params/user | params, 1000 users | train s | eval s | git |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -11,11 +11,13 @@ Example::
     meta["git_sha"], meta["dirty"], meta["machine"]["cpu_flags"]     # '9f2c…' (40 hex), False, ['avx2', …]
     meta = run_meta(files=["benchmarks/pooling_throughput.py"])
     meta["files_committed"]                 # {'benchmarks/pooling_throughput.py': True}
+    code_hash()                             # 'c0ffee…' (64 hex): the code a result depends on, across commits
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import platform
 import shlex
@@ -76,6 +78,31 @@ def files_committed(paths: Sequence[str], sha: str | None = None) -> dict[str, b
         same = _git_ok("diff", "--quiet", sha, "--", p)
         out[p] = None if tracked is None or same is None else (tracked and same)
     return out
+
+
+# What a result's numbers depend on: the package's code and configs and its pins (not README, tests, benchmarks).
+CODE_PATHS = ("recsys_tapper", "embeddings", "llm_bridge", "configs", "pyproject.toml", "requirements.txt",
+              "scripts/setup_env.sh")
+CODE_SUFFIXES = (".py", ".yaml", ".toml", ".txt", ".sh")
+
+
+def code_hash(root: Path = REPO) -> str:
+    """sha256 over the path and bytes of every code file under :data:`CODE_PATHS` (working tree, sorted).
+
+    Two rows with the same hash ran the same code, whatever commit each was made at: a commit that touches
+    only the README, tests or results keeps it; any edit to the package, a config or a pin changes it.
+    """
+    h = hashlib.sha256()
+    for name in CODE_PATHS:
+        top = root / name
+        files = [top] if top.is_file() else sorted(top.rglob("*")) if top.is_dir() else []
+        for f in files:
+            if f.is_file() and f.suffix in CODE_SUFFIXES and "__pycache__" not in f.parts:
+                rel = f.relative_to(root).as_posix().encode()
+                h.update(len(rel).to_bytes(4, "big") + rel)
+                data = f.read_bytes()
+                h.update(len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

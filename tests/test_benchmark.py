@@ -195,3 +195,39 @@ def real_meta(command: str) -> dict:
     from recsys_tapper.runmeta import run_meta
 
     return run_meta(command)
+
+
+def test_same_code_reuses_only_the_rows_that_ran_this_code(tmp_path, monkeypatch):
+    """same_code=true: a table resumed across sessions keeps a row only when its code hash is this code's; rows
+    older than the hash, or of other code, are recomputed. Off (the default), settings alone decide."""
+    import json
+
+    from recsys_tapper import benchmark as bm
+
+    splits = _tiny_movielens(users=(1, 2, 3))
+    monkeypatch.setattr(bm, "load_splits", lambda cfg: splits)
+    cfg = _cfg()
+    cfg.results_dir, cfg.methods = str(tmp_path), ["global_mean", "user_mean", "item_mean"]
+    monkeypatch.setattr(bm, "code_hash", lambda: "a" * 64)
+    bm.benchmark(cfg, command="first")
+    path = tmp_path / "ml100k.json"
+    table = json.loads(path.read_text())
+    assert {m["code_hash"] for m in table["methods"].values()} == {"a" * 64} == {table["runs"][0]["code_hash"]}
+    del table["methods"]["item_mean"]["code_hash"]  # a row written before rows recorded the hash
+    table["methods"]["item_mean"]["date"] = "old"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(bm, "code_hash", lambda: "b" * 64)
+    bm.benchmark(cfg, command="other code, settings only")  # the default: nothing is recomputed
+    table = json.loads(path.read_text())
+    assert table["methods"]["item_mean"]["date"] == "old" and table["methods"]["user_mean"]["code_hash"] == "a" * 64
+    table["methods"]["user_mean"]["code_hash"] = "b" * 64  # as if user_mean had run this code in another session
+    table["methods"]["user_mean"]["date"] = "kept"
+    path.write_text(json.dumps(table))
+    cfg.same_code = True
+    bm.benchmark(cfg, command="same code")
+    table = json.loads(path.read_text())
+    assert {n: m["code_hash"] for n, m in table["methods"].items()} == {n: "b" * 64 for n in cfg.methods}
+    assert table["methods"]["user_mean"]["date"] == "kept"  # reused: it ran this code
+    assert table["methods"]["item_mean"]["date"] != "old"  # recomputed: no hash
+    md = (tmp_path / "ml100k.md").read_text()
+    assert "Every row ran one code version (code hash" in md and f"`{'b' * 12}`: global_mean, user_mean, item_mean" in md

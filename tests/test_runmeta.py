@@ -54,3 +54,39 @@ def test_run_meta_says_whether_named_files_are_committed_at_the_sha():
     root = _git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
     at_root = subprocess.run(["git", "cat-file", "-e", f"{root}:{path}"], cwd=REPO, check=False).returncode == 0
     assert at_root or files_committed([path], sha=root) == {path: False}
+
+
+def test_code_hash_follows_the_code_and_configs_and_nothing_else(tmp_path):
+    import shutil
+
+    from recsys_tapper.runmeta import code_hash
+
+    for d in ("recsys_tapper", "configs"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "recsys_tapper" / "a.py").write_text("x = 1\n")
+    (tmp_path / "configs" / "c.yaml").write_text("k: 1\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    first = code_hash(tmp_path)
+    assert len(first) == 64 and code_hash(tmp_path) == first
+    # not code: the README, tests, results, byte caches
+    (tmp_path / "README.md").write_text("numbers\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("assert True\n")
+    (tmp_path / "recsys_tapper" / "__pycache__").mkdir()
+    (tmp_path / "recsys_tapper" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (tmp_path / "recsys_tapper" / "__pycache__" / "b.py").write_text("y = 2\n")
+    assert code_hash(tmp_path) == first
+    # code: a module's bytes, a config, a pin, a new module, a renamed one
+    (tmp_path / "configs" / "c.yaml").write_text("k: 2\n")
+    assert code_hash(tmp_path) != first
+    (tmp_path / "configs" / "c.yaml").write_text("k: 1\n")
+    assert code_hash(tmp_path) == first
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    second = code_hash(tmp_path)
+    assert second != first
+    (tmp_path / "recsys_tapper" / "b.py").write_text("")
+    assert code_hash(tmp_path) != second
+    (tmp_path / "recsys_tapper" / "b.py").unlink()
+    shutil.move(tmp_path / "recsys_tapper" / "a.py", tmp_path / "recsys_tapper" / "z.py")
+    assert code_hash(tmp_path) != second
+    assert code_hash() == code_hash(REPO)  # the default is this checkout
