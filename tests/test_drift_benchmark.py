@@ -196,6 +196,11 @@ def test_task_overrides_set_one_tasks_stage2_budget_and_refuse_what_rows_share()
     # the defaults (configs/benchmark_drift.yaml): tagging at prefix layer 20, the rest at 28
     assert (tagging.model.prefix_layer, rating.model.prefix_layer, cfg.model.prefix_layer) == (20, 28, 28)
     assert tagging.trainer.stage2.epochs == cfg.trainer.stage2.epochs == 3
+    # tagging's soft window over the 5 latest records and the content term (SIF vectors, beta 10), as rating's
+    assert (tagging.model.pooling.window, tagging.model.text_weighting, tagging.model.pooling.content_beta) \
+        == (5, "sif", 10.0)
+    assert (cfg.model.pooling.window, cfg.model.text_weighting, cfg.model.pooling.content_beta) == (None, "mean", None)
+    assert row_settings(tagging, "tapper", "tagging") != row_settings(cfg, "tapper", "tagging")
     assert (rating.task.name, tagging.task.name) == ("movielens", "LaMP-2M")
     # the rating rows record the task's budget, so changing it reruns them and nothing else
     assert row_settings(rating, "tapper", "rating")["per_user"] == 5
@@ -228,20 +233,20 @@ def test_a_generator_version_past_1_is_part_of_that_tasks_row_settings():
 
 
 def test_rating_defaults_turn_on_the_content_term_and_tapper_no_content_trains_on_plain_means(tmp_path, monkeypatch):
-    """configs/benchmark_drift.yaml: rating rows use SIF vectors and the pooling's content term, the other
-    tasks the paper's; ``tapper_no_content`` trains on its own plain-mean bank with the DIN score alone."""
+    """configs/benchmark_drift.yaml: rating and tagging rows use SIF vectors and the pooling's content term,
+    headline the paper's; ``tapper_no_content`` trains on its own plain-mean bank with the DIN score alone."""
     from recsys_tapper.drift_benchmark import row_settings, task_config, variant
 
     cfg = drift_config([])
-    rating, tagging = task_config(cfg, "rating"), task_config(cfg, "tagging")
+    rating, headline = task_config(cfg, "rating"), task_config(cfg, "headline")
     assert (rating.model.text_weighting, rating.model.pooling.content_beta) == ("sif", 10.0)
-    assert (tagging.model.text_weighting, tagging.model.pooling.content_beta) == ("mean", None)
+    assert (headline.model.text_weighting, headline.model.pooling.content_beta) == ("mean", None)
     off = variant(rating, "tapper_no_content").model
     assert (off.text_weighting, off.pooling.content_beta) == ("mean", None)
     s = row_settings(rating, "tapper", "rating")
     assert s["text_weighting"] == "sif" and s["pooling"]["content_beta"] == 10.0
-    assert "text_weighting" not in row_settings(tagging, "tapper", "tagging")
-    assert "content_beta" not in row_settings(tagging, "tapper", "tagging")["pooling"]
+    assert "text_weighting" not in row_settings(headline, "tapper", "headline")
+    assert "content_beta" not in row_settings(headline, "tapper", "headline")["pooling"]
 
     small = drift_config([*SMALL, "tasks=[rating]", "fractions=[0.5]",
                           "methods=[tapper,tapper_no_content,tapper_no_label_weight]",
@@ -279,8 +284,8 @@ def test_the_soft_window_is_in_tappers_row_settings_and_not_in_no_times():
     the settings, and so the rows, it had without the window; ``tapper``'s settings change with it."""
     from recsys_tapper.drift_benchmark import row_settings, task_config
 
-    plain = task_config(drift_config([]), "tagging")
-    win = task_config(drift_config(["+task_overrides.tagging.model.pooling.window=5"]), "tagging")
+    plain = task_config(drift_config(["~task_overrides.tagging.model.pooling.window"]), "tagging")
+    win = task_config(drift_config([]), "tagging")  # the default (configs/benchmark_drift.yaml)
     assert win.model.pooling.window == 5.0 and plain.model.pooling.window is None
     assert row_settings(win, "tapper_no_time", "tagging") == row_settings(plain, "tapper_no_time", "tagging")
     assert row_settings(win, "tapper", "tagging")["pooling"]["window"] == 5.0
