@@ -8,11 +8,13 @@ and ``ml100k.png`` (MAE per method; classical references drawn as lines).
 
     tapper benchmark ml100k                                  # everything
     tapper benchmark ml100k methods=[non_personalized,tapper] per_user=2
-    tapper benchmark ml100k methods=[tapper_refit]           # add one row to the committed table
+    tapper benchmark ml100k methods=[tapper_no_time]         # add one row to the committed table
+    tapper benchmark ml100k refit=false results_dir=runs/dev  # every TAP-PER row chooses its readouts on dev
 
-TAP-PER rows train Stage 2 on the training ratings and choose their readouts on the dev queries (the 5 ratings
-before each user's test queries), except ``tapper_refit`` (:data:`REFIT`): the default configuration, refit on
-every rating before the test period, dev included, as the classical rows are fit.
+With ``refit=true`` (configs/benchmark.yaml) every TAP-PER row trains Stage 2 on every rating before the test
+period, the dev ratings included, as the classical rows are fit, and reads the label distribution by the fixed
+:data:`REFIT_READOUTS`. With ``refit=false`` they train on the training ratings alone and choose their readouts
+on the dev queries (the 5 ratings before each user's test queries).
 
 Several invocations may fill one table at the same time (say one per core, each with ``trainer.threads=1`` and
 its own ``methods``): every write happens under a file lock and merges the rows the others wrote since, and
@@ -51,7 +53,7 @@ from recsys_tapper.runmeta import code_hash, run_meta
 from recsys_tapper.tasks import get_task
 from recsys_tapper.users import UserIndex
 
-LLM_METHODS = ["non_personalized", "tapper", "tapper_refit", "tapper_paper", "tapper_no_time", "tapper_pq_only",
+LLM_METHODS = ["non_personalized", "tapper", "tapper_paper", "tapper_no_time", "tapper_pq_only",
                "tapper_pu_only", "tapper_no_warm_start", "tapper_no_item", "rag_recency_k4", "rag_bm25_k4", "oppu"]
 CLASSICAL_METHODS = ["global_mean", "user_mean", "item_mean", "user_item_bias", "biased_mf"]
 METHOD_NAMES = CLASSICAL_METHODS + LLM_METHODS
@@ -70,6 +72,9 @@ class BenchmarkConfig(RunConfig):
     same_code: reuse a row only when it also ran this code (its ``code_hash``, see :func:`runmeta.code_hash`),
         so that a table resumed across sessions and commits is one code's table; rows older than the hash are
         recomputed.
+    refit: every TAP-PER row trains Stage 2 on every rating before the test period (the training and the dev
+        ratings, what the classical rows are fit on) and reads :data:`REFIT_READOUTS`, fixed; false: on the
+        training ratings alone, readouts chosen on the dev queries (see :func:`refits`).
     rag_max_prompt_tokens: RAG prompts keep their k records whole up to this many tokens.
     paper_per_user: Stage-2 targets per user of ``tapper_paper`` (k = 0 costs ~15x more per example).
     oppu_per_user: OPPU's training targets per user (a per-user LoRA trained through all layers: the full history
@@ -83,6 +88,7 @@ class BenchmarkConfig(RunConfig):
     resume: bool = True
     rerun: list[str] = field(default_factory=list)
     same_code: bool = False
+    refit: bool = False
     rag_max_prompt_tokens: int = 192
     paper_per_user: int | None = 2
     oppu_per_user: int | None = 2
@@ -90,8 +96,6 @@ class BenchmarkConfig(RunConfig):
 
 ABLATIONS = {
     "tapper": {},  # the default configuration (configs/benchmark.yaml), picked on dev queries
-    # the default, its Stage 2 refit on every rating before the test period (see REFIT)
-    "tapper_refit": {},
     # the paper's configuration: input-level prefix, random-init full P_u rows, no item table
     "tapper_paper": {"model": {"prefix_layer": 0, "warm_start": None, "item_dim": None, "user_dim": None}},
     "tapper_no_warm_start": {"model": {"warm_start": None, "user_dim": 33}},
@@ -102,18 +106,24 @@ ABLATIONS = {
 }
 
 
-# Rows whose Stage 2 trains on the test questions' profiles (every rating before the test period: the training
-# ratings and the dev ratings) instead of the training ratings alone: what the classical rows are fit on, and what
-# a deployment would do after choosing its settings on dev. Dev queries are then training targets, so these rows
-# cannot choose a readout on them: they read the median for MAE and the expectation for RMSE (the readouts that
-# minimise each loss, and the ones dev chose for the default).
-REFIT = {"tapper_refit": ("median", "expected")}
+# What a refit row reads (see refits): its dev queries are training targets, so it cannot choose a readout on
+# them. The median for MAE and the expectation for RMSE: the readouts that minimise each loss, and the ones the dev
+# queries chose for the default when it trained on the training ratings alone (refit=false).
+REFIT_READOUTS = ("median", "expected")
 
 
-def stage2_examples(name: str, train: list, test: list) -> list:
+def refits(cfg: RunConfig, name: str) -> bool:
+    """Whether row ``name`` trains Stage 2 on the test questions' profiles (every rating before the test period:
+    the training ratings and the dev ratings) instead of the training ratings alone: every TAP-PER row under
+    ``refit=true``, what the classical rows are fit on, and what a deployment does once its settings are chosen
+    on dev. OPPU keeps its training ratings (its per-user LoRA trains user by user on ``train``)."""
+    return bool(getattr(cfg, "refit", False)) and name in ABLATIONS
+
+
+def stage2_examples(cfg: RunConfig, name: str, train: list, test: list) -> list:
     """The questions whose profiles give a TAP-PER row its Stage-2 targets: ``test``'s (train + dev ratings) for
-    the :data:`REFIT` rows, else ``train``'s (the training ratings; the dev ratings stay unseen for dev)."""
-    return test if name in REFIT else train
+    a refit row, else ``train``'s (the training ratings; the dev ratings stay unseen for dev)."""
+    return test if refits(cfg, name) else train
 
 
 def benchmark_config(overrides: list[str] | None = None) -> BenchmarkConfig:
@@ -166,7 +176,7 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             "item_dim": m.item_dim, "item_slots": m.item_slots, "warm_start": m.warm_start,
             "warm_start_rank": m.warm_start_rank, "trunk_dtype": m.trunk_dtype,
             "per_user": cfg.paper_per_user if name == "tapper_paper" else cfg.per_user,
-            **({"stage2_profiles": "before_test", "readouts": list(REFIT[name])} if name in REFIT else {}),
+            **({"stage2_profiles": "before_test", "readouts": list(REFIT_READOUTS)} if refits(cfg, name) else {}),
             # only when set, so rows written before these settings existed are still reused
             **({"lr_lambda": t.lr_lambda} if t.lr_lambda is not None else {}),
             **({"lambda_init": m.lambda_init} if m.lambda_init is not None else {}),
@@ -201,10 +211,11 @@ def table_lock(json_path: Path):
 
 def merge_rows(result: dict, disk: dict, mine: set[str]) -> None:
     """Take into ``result`` what another invocation of the same table wrote to ``disk``: its rows (except the
-    ones this invocation computed, ``mine``), its runs and the Stage-1 seconds; rows kept in METHOD_NAMES order."""
+    ones this invocation computed, ``mine``, and rows of methods this code no longer has), its runs and the Stage-1
+    seconds; rows kept in METHOD_NAMES order."""
     if disk.get("table_started") != result.get("table_started"):
         return  # another table (an older run replaced by resume=false): nothing of it is ours
-    methods = {**{k: v for k, v in disk.get("methods", {}).items() if k not in mine},
+    methods = {**{k: v for k, v in disk.get("methods", {}).items() if k not in mine and k in METHOD_NAMES},
                **{k: v for k, v in result["methods"].items() if k in mine or k not in disk.get("methods", {})}}
     result["methods"] = {k: methods[k] for k in sorted(methods, key=METHOD_NAMES.index)}
     result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
@@ -304,7 +315,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
 
     def record(name: str, rows: list[dict], train_s: float, eval_s: float, per_user: int, total_1000: int,
                dev_rows: list[dict] | None = None, **extra):
-        fixed = REFIT.get(name, ("argmax", "argmax"))
+        fixed = REFIT_READOUTS if refits(cfg, name) else ("argmax", "argmax")
         readout, rmse_readout, dev = choose_readout(dev_rows) if dev_rows is not None else (*fixed, {})
         rep = rating_report(rows, readout, rmse_readout)
         extra.update({f"dev_{k}": v for k, v in dev.items()}, readout_chosen_on="dev" if dev else "fixed")
@@ -339,13 +350,13 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
             vcfg = _variant(cfg, name)
             vcfg.trainer.stage2_per_user = cfg.paper_per_user if name == "tapper_paper" else cfg.per_user
             trunk = trunk_for(vcfg)
-            model, s2, losses, stage2_s, _ = train_stage2(vcfg, lm, fb, users, stage2_examples(name, train, test),
+            model, s2, losses, stage2_s, _ = train_stage2(vcfg, lm, fb, users, stage2_examples(cfg, name, train, test),
                                                        trunk, resume=out_dir / f"ml100k_{name}_stage2_resume.safetensors")
             prefill_trunk(trunk, fb, test_samples + dev_samples, with_labels=False, desc="trunk cache, queries")
             t1 = time.perf_counter()
             rows = predict_labels(model, fb, test_samples, task.labels, cfg.trainer.eval_batch_size, desc=name)
             eval_s = time.perf_counter() - t1
-            dev_rows = None if name in REFIT else predict_labels(model, fb, dev_samples, task.labels,
+            dev_rows = None if refits(cfg, name) else predict_labels(model, fb, dev_samples, task.labels,
                                                                  cfg.trainer.eval_batch_size, desc=f"{name} dev")
             per = model.tower.table.cfg.dim if vcfg.model.projector.use_user_state else 0
             item_params = _count(model.items.parameters()) if model.items is not None else 0

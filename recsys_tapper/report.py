@@ -21,7 +21,8 @@ def _short_sha(sha: str | None, dirty: bool | None = None) -> str:
 def _readouts(m: dict) -> str:
     if m.get("kind") != "llm":
         return "raw"
-    return f"{m.get('readout', 'argmax')} / {m.get('rmse_readout', m.get('readout', 'argmax'))}"
+    fixed = ", fixed" if m.get("readout_chosen_on") == "fixed" else ""
+    return f"{m.get('readout', 'argmax')} / {m.get('rmse_readout', m.get('readout', 'argmax'))}{fixed}"
 
 
 def code_versions(methods: dict) -> str:
@@ -68,7 +69,8 @@ def write_markdown(result: dict, path: Path) -> None:
         )
     lines += ["", ("MAE/RMSE: LLM methods read the label distribution by the readout named beside them (argmax: the "
               "answer; median: the MAE-optimal label; expected: the real-valued mean), chosen per metric on the dev "
-              "queries, never on test ('fixed': argmax, for rows without dev predictions); classical methods give "
+              "queries, never on test ('fixed': not chosen: the median and the expectation for rows refit on the "
+              "dev ratings (refit=true), argmax for rows without dev predictions); classical methods give "
               "a raw real-valued prediction. (E): the expectation over the label distribution; classical 'rounded' "
               "is the prediction rounded half up. "
               "git: the commit that made the row (a resumed run reuses a row only when every setting it depends "

@@ -120,7 +120,8 @@ def test_concurrent_invocations_merge_rows():
 
     run_a, run_b = {"command": "a"}, {"command": "b"}
     disk = {"table_started": "t0", "stage1_s": 99.0, "runs": [run_a],
-            "methods": {"tapper": {"mae": 0.8}, "user_mean": {"mae": 0.9}}}
+            "methods": {"tapper": {"mae": 0.8}, "user_mean": {"mae": 0.9},
+                        "tapper_refit": {"mae": 0.75}}}  # a method this code no longer has (now refit=true)
     mine = {"tapper_no_time", "user_mean"}
     result = {"table_started": "t0", "runs": [run_a, run_b],
               "methods": {"user_mean": {"mae": 0.95}, "tapper_no_time": {"mae": 0.85}}}
@@ -157,19 +158,59 @@ def _tiny_movielens(users: tuple[int, ...]) -> tuple[list, list]:
     return split["dev"], split["test"]
 
 
-def test_refit_row_trains_on_every_rating_before_the_test_period_and_never_on_a_test_gold():
-    from recsys_tapper.benchmark import REFIT, stage2_examples
+def test_refit_rows_train_on_every_rating_before_the_test_period_and_never_on_a_test_gold():
+    from recsys_tapper.benchmark import REFIT_READOUTS, benchmark_config, refits, stage2_examples
 
     dev, test = _tiny_movielens(users=(1, 2))
-    seen = {name: {r.id for ex in stage2_examples(name, dev, test) for r in ex.profile} for name in ("tapper", "tapper_refit")}
     dev_ids, test_ids = {ex.id for ex in dev}, {ex.id for ex in test}
-    assert seen["tapper"] == {f"{u}_{i}" for u in (1, 2) for i in (1, 2, 3)}  # the training ratings only
-    assert seen["tapper_refit"] == seen["tapper"] | dev_ids  # + the dev ratings, as the classical rows are fit
-    assert not seen["tapper_refit"] & test_ids and not seen["tapper"] & dev_ids
-    # a refit row is its own row (never reused as the default's), and states its fixed readouts
-    cfg = _cfg()
-    assert method_settings(cfg, "tapper_refit") != method_settings(cfg, "tapper")
-    assert method_settings(cfg, "tapper_refit")["readouts"] == list(REFIT["tapper_refit"]) == ["median", "expected"]
+    plain, refit = _cfg(), _cfg()
+    refit.refit = True
+    seen = {r: {rec.id for ex in stage2_examples(c, "tapper", dev, test) for rec in ex.profile}
+            for r, c in (("plain", plain), ("refit", refit))}
+    assert seen["plain"] == {f"{u}_{i}" for u in (1, 2) for i in (1, 2, 3)}  # the training ratings only
+    assert seen["refit"] == seen["plain"] | dev_ids  # + the dev ratings, as the classical rows are fit
+    assert not seen["refit"] & test_ids and not seen["plain"] & dev_ids
+    # every TAP-PER row refits, ablations and the paper's configuration included; OPPU and the rest do not
+    assert all(refits(refit, n) for n in ABLATIONS) and not any(refits(plain, n) for n in ABLATIONS)
+    assert not any(refits(refit, n) for n in ("oppu", "rag_bm25_k4", "non_personalized", "biased_mf"))
+    # a refit row is never reused as a dev-chosen one, and states its fixed readouts; other rows keep theirs
+    assert method_settings(refit, "tapper") != method_settings(plain, "tapper")
+    assert method_settings(refit, "tapper_no_time")["readouts"] == list(REFIT_READOUTS) == ["median", "expected"]
+    assert method_settings(refit, "oppu") == method_settings(plain, "oppu")
+    assert benchmark_config([]).refit and not benchmark_config(["refit=false"]).refit  # configs/benchmark.yaml
+
+
+def test_a_refit_row_reads_its_fixed_readouts_and_skips_the_dev_queries(tmp_path, monkeypatch):
+    """``refit=true`` on the tiny model: the row's Stage 2 gets the test questions (their profiles hold the dev
+    ratings), it never predicts the dev queries, and it reports the median and the expectation, marked fixed."""
+    import json
+
+    from recsys_tapper import benchmark as bm
+
+    dev, test = _tiny_movielens(users=(1, 2))
+    monkeypatch.setattr(bm, "load_splits", lambda cfg: (dev, test))
+    seen = {"stage2": [], "predict": []}
+    real_stage2, real_predict = bm.train_stage2, bm.predict_labels
+
+    def stage2(vcfg, lm, fb, users, examples, *a, **k):
+        seen["stage2"].append(examples)
+        return real_stage2(vcfg, lm, fb, users, examples, *a, **k)
+
+    def predict(*a, desc="", **k):
+        seen["predict"].append(desc)
+        return real_predict(*a, desc=desc, **k)
+
+    monkeypatch.setattr(bm, "train_stage2", stage2)
+    monkeypatch.setattr(bm, "predict_labels", predict)
+    cfg = bm.benchmark_config(["model=tiny", "trainer=smoke", "methods=[tapper]", f"results_dir={tmp_path}"])
+    assert cfg.refit
+    bm.benchmark(cfg)
+    assert seen["stage2"] == [test] and seen["predict"] == ["tapper"]  # no "tapper dev"
+    row = json.loads((tmp_path / "ml100k.json").read_text())["methods"]["tapper"]
+    assert (row["readout"], row["rmse_readout"], row["readout_chosen_on"]) == ("median", "expected", "fixed")
+    assert (row["mae"], row["rmse"]) == (row["mae_median"], row["rmse_expected"])
+    assert not any(k.startswith("dev_") for k in row) and row["n"] == len(test)
+    assert "| median / expected, fixed |" in (tmp_path / "ml100k.md").read_text()
 
 
 def test_rows_and_runs_record_their_machine(tmp_path, monkeypatch):
