@@ -10,6 +10,11 @@ cached task LoRA when present, else trained the same way. One Stage 1 and one tr
         late_mf_item_pq_only --out benchmarks/results/ml100k_late_sweep_label.json
     python benchmarks/ml100k_late_sweep.py --users 200 --settings late_mf_item late_mf_item_content \
         --out benchmarks/results/ml100k_late_sweep_content.json
+    python benchmarks/ml100k_late_sweep.py --users 300 --settings late_mf_item --temperatures 0.8 0.9 1 1.1 \
+        1.2 1.35 1.5 1.75 2 --out benchmarks/results/ml100k_readout_temperature.json
+
+``--temperatures`` also scores the median and expectation readouts of the tempered label distribution
+``p_T ~ p^(1/T)`` (T > 1 flattens it) on the same dev queries: whether a calibrated readout lowers RMSE.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ if str(REPO) not in sys.path:
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.build import build_trunk
-from recsys_tapper.evaluation import predict_labels, rating_report
+from recsys_tapper.evaluation import eval_batches, label_token_ids, median_index, predict_labels, rating_report
+from recsys_tapper.metrics import rating_metrics, rating_metrics_numeric
 from recsys_tapper.features import FeatureBuilder, bank_key, feature_builder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage2
@@ -64,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--temperatures", nargs="*", type=float, default=[],
+                    help="also score the readouts of the label distribution tempered by each T")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/ml100k_late_sweep.json"))
     args = ap.parse_args()
     command = "python benchmarks/ml100k_late_sweep.py " + " ".join(sys.argv[1:])
@@ -109,10 +117,35 @@ def main() -> None:
             "lambda_t": model.tower.pooling.lambda_t.item(), "lambda_o": model.tower.pooling.lambda_o.item(),
             "wall_s": time.perf_counter() - t0, "git_sha": result["git_sha"],
         }
+        if args.temperatures:
+            result["settings"][name]["tempered"] = tempered_readouts(model, fb, samples, task.labels,
+                                                                     args.temperatures, cfg.trainer.eval_batch_size)
+            for t, rep in result["settings"][name]["tempered"].items():
+                print(f"[sweep] {name} T={t}: " + json.dumps({k: round(v, 4) for k, v in rep.items()}), flush=True)
         print(f"[sweep] {name}: " + json.dumps({k: round(v, 4) for k, v in result["settings"][name].items()
                                                  if isinstance(v, float)}), flush=True)
         atomic_write_text(out_path, json.dumps(result, indent=2))
         model.lm.unload()
+
+
+def tempered_readouts(model, fb, samples, labels, temperatures, batch_size) -> dict[str, dict]:
+    """MAE/RMSE of the median and the expectation of ``p_T ~ p^(1/T)`` for each T, on ``samples`` (dev)."""
+    import torch
+
+    label_ids = label_token_ids(fb.tok, labels)
+    with torch.no_grad():
+        probs = torch.cat([model.label_probs(b, label_ids) for _, b in
+                           eval_batches(model, fb, samples, batch_size, "label distributions")])
+    values = torch.tensor([float(x) for x in labels])
+    golds = [s.answer for s in samples]
+    out = {}
+    for t in temperatures:
+        pt = torch.softmax(torch.log(probs.clamp_min(1e-12)) / t, dim=-1)
+        med = rating_metrics([labels[median_index(p)] for p in pt], golds)
+        exp = rating_metrics_numeric((pt @ values).tolist(), [float(g) for g in golds])
+        out[str(t)] = {"mae_median": med["mae"], "rmse_median": med["rmse"],
+                       "mae_expected": exp["mae"], "rmse_expected": exp["rmse"]}
+    return out
 
 
 def variant_features(fbs: dict, vcfg, register: list, lm) -> FeatureBuilder:
