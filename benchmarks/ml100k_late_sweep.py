@@ -35,11 +35,17 @@ if str(REPO) not in sys.path:
 from recsys_tapper.baselines.classical import run_classical
 from recsys_tapper.benchmark import benchmark_config, stage1_model
 from recsys_tapper.build import build_trunk
-from recsys_tapper.evaluation import eval_batches, label_token_ids, median_index, predict_labels, rating_report
-from recsys_tapper.metrics import rating_metrics, rating_metrics_numeric
+from recsys_tapper.evaluation import (
+    eval_batches,
+    label_token_ids,
+    median_index,
+    predict_labels,
+    rating_report,
+)
 from recsys_tapper.features import FeatureBuilder, bank_key, feature_builder
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.job import train_stage2
+from recsys_tapper.metrics import rating_metrics, rating_metrics_numeric
 from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.tasks import get_task
@@ -51,18 +57,34 @@ SETTINGS: dict[str, dict] = {
     "late_mf": {"model": {"prefix_layer": 28, "warm_start": "mf"}},
     "late_mf_item_k29": {"model": {"prefix_layer": 29, "warm_start": "mf", "item_dim": 33}},
     "late_mf_item_k26": {"model": {"prefix_layer": 26, "warm_start": "mf", "item_dim": 33}},
-    "late_mf_item_lr1e-2": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33},
-                            "trainer": {"lr_dense": 1e-2}},
+    "late_mf_item_lr1e-2": {
+        "model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33},
+        "trainer": {"lr_dense": 1e-2},
+    },
     # label-aware record vectors (issue 11, 3): h_j = mean_emb(record text) + 1.0 x mean_emb(its rating)
-    "late_mf_item_label": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
-                                     "record_label_weight": 1.0}},
+    "late_mf_item_label": {
+        "model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33, "record_label_weight": 1.0}
+    },
     # P_q alone, no P_u row (the table's tapper_pq_only beside the default, here on dev queries)
-    "late_mf_item_pq_only": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
-                                       "projector": {"use_user_state": False}}},
+    "late_mf_item_pq_only": {
+        "model": {
+            "prefix_layer": 28,
+            "warm_start": "mf",
+            "item_dim": 33,
+            "projector": {"use_user_state": False},
+        }
+    },
     # SIF-weighted record and question vectors and the pooling's content term (what fixed the drift rating
     # task's genre selection): P_q leans on the user's ratings of films whose text resembles the query's
-    "late_mf_item_content": {"model": {"prefix_layer": 28, "warm_start": "mf", "item_dim": 33,
-                                       "text_weighting": "sif", "pooling": {"content_beta": 10.0}}},
+    "late_mf_item_content": {
+        "model": {
+            "prefix_layer": 28,
+            "warm_start": "mf",
+            "item_dim": 33,
+            "text_weighting": "sif",
+            "pooling": {"content_beta": 10.0},
+        }
+    },
 }
 
 
@@ -70,8 +92,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    ap.add_argument("--temperatures", nargs="*", type=float, default=[],
-                    help="also score the readouts of the label distribution tempered by each T")
+    ap.add_argument(
+        "--temperatures",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also score the readouts of the label distribution tempered by each T",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/ml100k_late_sweep.json"))
     args = ap.parse_args()
     command = "python benchmarks/ml100k_late_sweep.py " + " ".join(sys.argv[1:])
@@ -83,12 +110,17 @@ def main() -> None:
     dev = [ex for ex in train if ex.user_id in picked]  # dev questions: profiles = training ratings
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {"settings": {}}
-    result.update(run_meta(command), n_users=len(picked), n_dev_queries=len(dev),
-                  note="dev queries only; no test query is scored here")
+    result.update(
+        run_meta(command),
+        n_users=len(picked),
+        n_dev_queries=len(dev),
+        note="dev queries only; no test query is scored here",
+    )
     # no-LLM references on the same dev queries (fitted on the same training ratings)
-    result["references"] = {k: {m: v[m] for m in ("mae", "rmse", "mae_rounded", "rmse_rounded")}
-                            for k, v in run_classical(dev, methods=["user_mean", "user_item_bias",
-                                                                    "biased_mf"]).items()}
+    result["references"] = {
+        k: {m: v[m] for m in ("mae", "rmse", "mae_rounded", "rmse_rounded")}
+        for k, v in run_classical(dev, methods=["user_mean", "user_item_bias", "biased_mf"]).items()
+    }
     cache = REPO / "benchmarks/results/ml100k_stage1_lora.safetensors"
     lm, _, fb, _ = stage1_model(cfg, train, train + test, users_all, cache, 0.0 if cache.exists() else None)
     task = get_task(cfg.task.name)
@@ -110,20 +142,36 @@ def main() -> None:
         eval_s = time.perf_counter() - t1
         reps = {r: rating_report(rows, r) for r in ("argmax", "median", "expected")}
         result["settings"][name] = {
-            "overrides": SETTINGS[name], "n_train": len(s2), "epochs": vcfg.trainer.stage2.epochs,
-            "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:])), "stage2_s": stage2_s,
-            "s_per_train_example": stage2_s / len(s2), "eval_s": eval_s,
-            **{f"mae_{r}": reps[r]["mae"] for r in reps}, **{f"rmse_{r}": reps[r]["rmse"] for r in reps},
-            "lambda_t": model.tower.pooling.lambda_t.item(), "lambda_o": model.tower.pooling.lambda_o.item(),
-            "wall_s": time.perf_counter() - t0, "git_sha": result["git_sha"],
+            "overrides": SETTINGS[name],
+            "n_train": len(s2),
+            "epochs": vcfg.trainer.stage2.epochs,
+            "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
+            "stage2_s": stage2_s,
+            "s_per_train_example": stage2_s / len(s2),
+            "eval_s": eval_s,
+            **{f"mae_{r}": reps[r]["mae"] for r in reps},
+            **{f"rmse_{r}": reps[r]["rmse"] for r in reps},
+            "lambda_t": model.tower.pooling.lambda_t.item(),
+            "lambda_o": model.tower.pooling.lambda_o.item(),
+            "wall_s": time.perf_counter() - t0,
+            "git_sha": result["git_sha"],
         }
         if args.temperatures:
-            result["settings"][name]["tempered"] = tempered_readouts(model, fb, samples, task.labels,
-                                                                     args.temperatures, cfg.trainer.eval_batch_size)
+            result["settings"][name]["tempered"] = tempered_readouts(
+                model, fb, samples, task.labels, args.temperatures, cfg.trainer.eval_batch_size
+            )
             for t, rep in result["settings"][name]["tempered"].items():
-                print(f"[sweep] {name} T={t}: " + json.dumps({k: round(v, 4) for k, v in rep.items()}), flush=True)
-        print(f"[sweep] {name}: " + json.dumps({k: round(v, 4) for k, v in result["settings"][name].items()
-                                                 if isinstance(v, float)}), flush=True)
+                print(
+                    f"[sweep] {name} T={t}: " + json.dumps({k: round(v, 4) for k, v in rep.items()}),
+                    flush=True,
+                )
+        print(
+            f"[sweep] {name}: "
+            + json.dumps(
+                {k: round(v, 4) for k, v in result["settings"][name].items() if isinstance(v, float)}
+            ),
+            flush=True,
+        )
         atomic_write_text(out_path, json.dumps(result, indent=2))
         model.lm.unload()
 
@@ -134,8 +182,12 @@ def tempered_readouts(model, fb, samples, labels, temperatures, batch_size) -> d
 
     label_ids = label_token_ids(fb.tok, labels)
     with torch.no_grad():
-        probs = torch.cat([model.label_probs(b, label_ids) for _, b in
-                           eval_batches(model, fb, samples, batch_size, "label distributions")])
+        probs = torch.cat(
+            [
+                model.label_probs(b, label_ids)
+                for _, b in eval_batches(model, fb, samples, batch_size, "label distributions")
+            ]
+        )
     values = torch.tensor([float(x) for x in labels])
     golds = [s.answer for s in samples]
     out = {}
@@ -143,8 +195,12 @@ def tempered_readouts(model, fb, samples, labels, temperatures, batch_size) -> d
         pt = torch.softmax(torch.log(probs.clamp_min(1e-12)) / t, dim=-1)
         med = rating_metrics([labels[median_index(p)] for p in pt], golds)
         exp = rating_metrics_numeric((pt @ values).tolist(), [float(g) for g in golds])
-        out[str(t)] = {"mae_median": med["mae"], "rmse_median": med["rmse"],
-                       "mae_expected": exp["mae"], "rmse_expected": exp["rmse"]}
+        out[str(t)] = {
+            "mae_median": med["mae"],
+            "rmse_median": med["rmse"],
+            "mae_expected": exp["mae"],
+            "rmse_expected": exp["rmse"],
+        }
     return out
 
 
