@@ -32,33 +32,38 @@ class UserTower(nn.Module):
         self.table = table
         self.pooling = pooling
         self.bank = bank  # not a parameter: frozen record vectors, appended to by the feature builder
-        self._terms: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._vectors: tuple[tuple, torch.Tensor] | None = None  # (key, bank vectors on a device)
+        self._terms: tuple[tuple, torch.Tensor] | None = None  # (key, their record terms)
+
+    def _vectors_key(self, device: torch.device) -> tuple:
+        # The bank's tensor is replaced on every append.
+        return (id(self.bank.vectors), len(self.bank), str(device))
 
     def _bank_key(self, device: torch.device) -> tuple:
-        # The bank's tensor is replaced on every append; a scorer step bumps its parameters' versions.
-        return (id(self.bank.vectors), len(self.bank), str(device),
-                tuple(p._version for p in self.pooling.scorer.parameters()))
+        # ... and a scorer step bumps its parameters' versions, which the record terms depend on.
+        return (*self._vectors_key(device), tuple(p._version for p in self.pooling.scorer.parameters()))
 
     def bank_vectors(self, device: torch.device | None = None) -> torch.Tensor:
         """The bank's record vectors on ``device`` (default: where the bank is) -> (R, d), moved once per bank
-        version."""
-        return self._cache(device)[1]
-
-    def record_terms(self, device: torch.device | None = None) -> torch.Tensor:
-        """``scorer.record_term(bank)`` -> (R, d), cached until the bank grows or the scorer's weights change
-        (inference only: training computes the terms of the records it reads, with gradients)."""
-        return self._cache(device)[2]
-
-    @torch.no_grad()
-    def _cache(self, device: torch.device | None) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+        version. Never computes record terms: a training step calls it, and the terms of the whole bank would be
+        stale after the step's update anyway."""
         if self.bank is None:
             raise ValueError("the user tower has no record bank (UserTower(..., bank) or tower.bank = bank)")
         device = device or self.bank.vectors.device
-        key = self._bank_key(device)
+        key = self._vectors_key(device)
+        if self._vectors is None or self._vectors[0] != key:
+            self._vectors = (key, self.bank.vectors.to(device))
+        return self._vectors[1]
+
+    @torch.no_grad()
+    def record_terms(self, device: torch.device | None = None) -> torch.Tensor:
+        """``scorer.record_term(bank)`` -> (R, d), cached until the bank grows or the scorer's weights change
+        (inference only: training computes the terms of the records it reads, with gradients)."""
+        vectors = self.bank_vectors(device)
+        key = self._bank_key(vectors.device)
         if self._terms is None or self._terms[0] != key:
-            vectors = self.bank.vectors.to(device)
-            self._terms = (key, vectors, self.pooling.scorer.record_term(vectors))
-        return self._terms
+            self._terms = (key, self.pooling.scorer.record_term(vectors))
+        return self._terms[1]
 
     def forward(
         self,
@@ -78,7 +83,7 @@ class UserTower(nn.Module):
         else:
             # Without autograd (serving, evaluation) the pooling takes its inference fast path (same function)
             # over the cached record terms.
-            _, bank, terms = self._cache(q.device)
+            bank, terms = self.bank_vectors(q.device), self.record_terms(q.device)
             if extra is not None:
                 extra = extra.to(bank)
                 bank = torch.cat([bank, extra])

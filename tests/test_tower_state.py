@@ -102,3 +102,24 @@ def test_train_wrapper_loss_is_the_token_mean_cross_entropy_of_the_lm():
     assert n == int((batch.labels != -100).sum())
     assert_close(loss, want, rtol=1e-6, atol=1e-6)
     assert detached.item() == loss.item()
+
+
+def test_a_training_step_computes_record_terms_only_for_the_records_it_reads(monkeypatch):
+    # The whole bank's terms are an inference cache; a training forward that rebuilt them after every optimizer
+    # step (the scorer's weights change) spent more than half of a MovieLens Stage-2 step on records it never read.
+    tower = _tower(n_records=50)
+    scorer = tower.pooling.scorer
+    rows_scored = []
+    record_term = scorer.record_term
+    monkeypatch.setattr(scorer, "record_term", lambda h: rows_scored.append(h.shape[0]) or record_term(h))
+    opt = torch.optim.SGD(tower.parameters(), lr=0.1)
+    for _ in range(3):
+        users, history, q = _inputs([[0, 2, 4], [1, 3]])
+        _, context, _ = tower(users, history, q)
+        context.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert rows_scored and max(rows_scored) <= 5  # the 5 history records of a batch, never the 50 of the bank
+    with torch.no_grad():
+        tower(*_inputs([[0, 2, 4], [1, 3]]))
+    assert rows_scored[-1] == 50  # inference builds the bank's cache, once per weights version
