@@ -91,7 +91,7 @@ SETTINGS: dict[str, dict] = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=300)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument(
         "--temperatures",
         nargs="*",
@@ -101,6 +101,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/ml100k_late_sweep.json"))
     args = ap.parse_args()
+    if any(t <= 0 for t in args.temperatures):  # p^(1/T): fail now, not after the Stage-2 training
+        ap.error(f"--temperatures: every T must be > 0, got {args.temperatures}")
     command = "python benchmarks/ml100k_late_sweep.py " + " ".join(sys.argv[1:])
     cfg = benchmark_config(["per_user=null"])
     cfg.data.n_users = None
