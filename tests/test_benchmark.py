@@ -134,6 +134,21 @@ def test_concurrent_invocations_merge_rows():
     assert "oppu" not in result["methods"] and result["runs"] == [run_a, run_b]
 
 
+def test_same_code_merge_drops_rows_of_another_code_version():
+    """Under same_code=true a row on disk from another code version is stale: resume drops it, and the merge with
+    a concurrent invocation must not bring it back; a row the other invocation computed on this code stays."""
+    from recsys_tapper.benchmark import merge_rows
+
+    disk = {"table_started": "t0", "runs": [],
+            "methods": {"tapper": {"mae": 0.8, "code_hash": "old"}, "user_mean": {"mae": 0.9, "code_hash": "new"},
+                        "oppu": {"mae": 1.1}}}  # a row written before rows recorded their code
+    result = {"table_started": "t0", "runs": [], "methods": {"tapper_no_time": {"mae": 0.85, "code_hash": "new"}}}
+    merge_rows(result, disk, {"tapper_no_time"}, code="new")
+    assert set(result["methods"]) == {"user_mean", "tapper_no_time"}
+    merge_rows(result, disk, {"tapper_no_time"})  # same_code=false: every row of the table is kept
+    assert set(result["methods"]) == {"user_mean", "tapper", "tapper_no_time", "oppu"}
+
+
 def test_late_prefix_settings_decide_reuse():
     cfg, other = _cfg(), _cfg()
     other.model.prefix_layer = 28
