@@ -92,6 +92,17 @@ def write_drift_markdown(result: dict, path: Path) -> None:
 
 
 def write_drift_plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = drift_figure(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def drift_figure(result: dict):
+    """One panel per task: each method's metric against the drift fraction, each panel with its own legend
+    (the tasks' methods differ: rating has ``tapper_no_content``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +112,8 @@ def write_drift_plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(grid), figsize=(4.6 * len(grid), 4), squeeze=False)
     styles = {"tapper": ("#d62728", "o", "-"), "tapper_no_time": ("#ff7f0e", "s", "--"),
               "non_personalized": ("#7f7f7f", "^", ":"), "rag_recency_k4": ("#1f77b4", "D", "-."),
-              "tapper_no_label_weight": ("#9467bd", "v", "--"), "tapper_random_lambda": ("#8c564b", "P", "--")}
+              "tapper_no_label_weight": ("#9467bd", "v", "--"), "tapper_random_lambda": ("#8c564b", "P", "--"),
+              "tapper_no_content": ("#2ca02c", "X", "--")}
     for ax, (task, methods) in zip(axes[0], grid.items()):
         metric, higher = _metric(methods)
         for name, rows in methods.items():
@@ -113,9 +125,7 @@ def write_drift_plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"{METRIC_NAMES[metric]} ({'higher' if higher else 'lower'} is better)")
         ax.set_title(f"{task}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.suptitle("Synthetic drift: as the drift gets more recent (right), old records mislead", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -290,3 +290,21 @@ def test_the_soft_window_is_in_tappers_row_settings_and_not_in_no_times():
     assert row_settings(win, "tapper_no_time", "tagging") == row_settings(plain, "tapper_no_time", "tagging")
     assert row_settings(win, "tapper", "tagging")["pooling"]["window"] == 5.0
     assert "window" not in row_settings(plain, "tapper", "tagging")["pooling"]
+
+
+def test_every_panel_of_the_drift_plot_has_a_legend_of_its_own_methods():
+    """The tasks' methods differ (rating has tapper_no_content), so one legend in the first panel hides some."""
+    import matplotlib.pyplot as plt
+
+    from recsys_tapper.drift_report import drift_figure
+
+    def row(task, method, frac, metric, value):
+        return {"task": task, "method": method, "drift_frac": frac, "metric": metric, "higher_is_better": metric != "mae",
+                metric: value}
+
+    rows = [row("tagging", m, f, "accuracy", 0.5) for m in ("tapper", "tapper_no_time") for f in (0.1, 0.5)]
+    rows += [row("rating", m, f, "mae", 1.0) for m in ("tapper", "tapper_no_content") for f in (0.1, 0.5)]
+    fig = drift_figure({"rows": {str(i): r for i, r in enumerate(rows)}, "tasks": ["tagging", "rating"]})
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    plt.close(fig)
+    assert legends == [["tapper", "tapper_no_time"], ["tapper", "tapper_no_content"]]
