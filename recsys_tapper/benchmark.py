@@ -45,7 +45,7 @@ from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.evaluation import choose_readout, predict_labels, rating_report
 from recsys_tapper.features import FeatureBuilder, feature_builder
-from recsys_tapper.io import atomic_write_text
+from recsys_tapper.io import atomic_write_text, load_resumable
 from recsys_tapper.job import train_stage1, train_stage2
 from recsys_tapper.model import TapperModel
 from recsys_tapper.pipeline import load_splits, prefill_trunk, select_users
@@ -248,11 +248,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     settings = _settings(cfg)
     meta = {**run_meta(command), "code_hash": code_hash()}
     result = {"methods": {}, "table_started": meta["date"]}
-    if cfg.resume and json_path.exists():
-        old = json.loads(json_path.read_text())
-        if old.get("settings") != settings:  # never overwrite another run's table by accident
-            raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
-                             "pass results_dir=<another folder> for a new table, or resume=false to replace it")
+    if (old := load_resumable(json_path, settings, cfg.resume)) is not None:
         old["methods"] = reusable_rows(old["methods"], cfg, meta["code_hash"])
         result = {"table_started": old.get("date"), **old}
     # every invocation that wrote to this table, in order; each row also records its own git_sha, date and machine

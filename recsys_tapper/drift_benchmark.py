@@ -56,7 +56,7 @@ from recsys_tapper.config import RunConfig
 from recsys_tapper.errors import InputError
 from recsys_tapper.executors import LocalExecutor
 from recsys_tapper.features import FeatureBuilder, bank_key, check_text_weighting, feature_builder
-from recsys_tapper.io import atomic_write_text
+from recsys_tapper.io import atomic_write_text, load_resumable
 from recsys_tapper.job import score, train_stage1, train_stage2
 from recsys_tapper.model import TapperModel, lambda_report
 from recsys_tapper.pipeline import personal_splits, prefill_trunk
@@ -274,11 +274,7 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
         print(f"[drift] no wall-time estimate for backbone {backbone!r} (the measured costs are SmolLM2's)",
               flush=True)
     result: dict = {"rows": {}, "stage1": {}}
-    if cfg.resume and json_path.exists():
-        old = json.loads(json_path.read_text())
-        if old.get("settings") != settings:
-            raise InputError(f"{json_path} holds a run with settings {old.get('settings')}, these are {settings}: "
-                             "pass results_dir=<another folder> for a new table, or resume=false to replace it")
+    if (old := load_resumable(json_path, settings, cfg.resume)) is not None:
         result = old
     keys = ("command", "git_sha", "date", "machine")
     result.update(meta, settings=settings, runs=[*result.get("runs", []), {k: meta[k] for k in keys}],

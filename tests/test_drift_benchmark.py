@@ -308,3 +308,21 @@ def test_every_panel_of_the_drift_plot_has_a_legend_of_its_own_methods():
     legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
     plt.close(fig)
     assert legends == [["tapper", "tapper_no_time"], ["tapper", "tapper_no_content"]]
+
+
+def test_a_drift_table_of_other_settings_is_not_overwritten(tmp_path):
+    """The drift table resumes through the same check as ml100k's: another run's table on disk stops the run
+    before any work, and the file is left as it was; resume=false replaces it."""
+    from recsys_tapper.drift_benchmark import _settings
+    from recsys_tapper.io import load_resumable
+
+    cfg = drift_config([*SMALL, "tasks=[tagging]", f"results_dir={tmp_path}"])
+    path = tmp_path / "drift.json"
+    text = json.dumps({"settings": {**_settings(cfg), "n_users": 99}, "rows": {"x": {}}})
+    path.write_text(text)
+    with pytest.raises(ValueError, match="holds a run with settings"):
+        drift_benchmark.benchmark_drift(cfg)
+    assert path.read_text() == text
+    assert load_resumable(path, _settings(cfg), resume=False) is None
+    path.write_text(json.dumps({"settings": _settings(cfg), "rows": {"x": {}}}))
+    assert load_resumable(path, _settings(cfg), resume=True)["rows"] == {"x": {}}
