@@ -312,7 +312,7 @@ def test_every_panel_of_the_drift_plot_has_a_legend_of_its_own_methods():
 
 def test_a_drift_table_of_other_settings_is_not_overwritten(tmp_path):
     """The drift table resumes through the same check as ml100k's: another run's table on disk stops the run
-    before any work, and the file is left as it was; resume=false replaces it."""
+    before any work, and the file is left as it was; with resume=false nothing is read back."""
     from recsys_tapper.drift_benchmark import _settings
     from recsys_tapper.io import load_resumable
 
