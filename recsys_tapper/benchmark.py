@@ -209,20 +209,25 @@ def table_lock(json_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def merge_rows(result: dict, disk: dict, mine: set[str], code: str | None = None) -> None:
+def merge_rows(result: dict, disk: dict, mine: set[str]) -> None:
     """Take into ``result`` what another invocation of the same table wrote to ``disk``: its rows (except the
-    ones this invocation computed, ``mine``, rows of methods this code no longer has and, when ``code`` is given
-    (``same_code=true``), rows that ran another code version), its runs and the Stage-1 seconds; rows kept in
-    METHOD_NAMES order."""
+    ones this invocation computed, ``mine``, and rows of methods this code no longer has), its runs and the
+    Stage-1 seconds; rows kept in METHOD_NAMES order. Filter the disk rows first (merge_from_disk)."""
     if disk.get("table_started") != result.get("table_started"):
         return  # another table (an older run replaced by resume=false): nothing of it is ours
-    methods = {**{k: v for k, v in disk.get("methods", {}).items()
-                  if k not in mine and k in METHOD_NAMES and (code is None or v.get("code_hash") == code)},
+    methods = {**{k: v for k, v in disk.get("methods", {}).items() if k not in mine and k in METHOD_NAMES},
                **{k: v for k, v in result["methods"].items() if k in mine or k not in disk.get("methods", {})}}
     result["methods"] = {k: methods[k] for k in sorted(methods, key=METHOD_NAMES.index)}
     result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
     if result.get("stage1_s") is None:
         result["stage1_s"] = disk.get("stage1_s")
+
+
+def merge_from_disk(result: dict, disk: dict, mine: set[str], cfg: BenchmarkConfig, code: str) -> None:
+    """merge_rows over only the disk rows that resume would reuse (reusable_rows): a concurrent invocation's row
+    of other settings, without settings or, under ``same_code``, of another code version is stale, and the merge
+    must not bring it back into the table."""
+    merge_rows(result, {**disk, "methods": reusable_rows(disk.get("methods", {}), cfg, code)}, mine)
 
 
 def reusable_rows(methods: dict, cfg: BenchmarkConfig, code: str | None = None) -> dict:
@@ -262,7 +267,7 @@ def benchmark(cfg: BenchmarkConfig, command: str = "tapper benchmark ml100k") ->
     def sync() -> None:
         """Under the lock: merge what other invocations of this table wrote (see merge_rows)."""
         if json_path.exists():
-            merge_rows(result, json.loads(json_path.read_text()), mine, meta["code_hash"] if cfg.same_code else None)
+            merge_from_disk(result, json.loads(json_path.read_text()), mine, cfg, meta["code_hash"])
 
     def save() -> None:
         with table_lock(json_path):

@@ -134,19 +134,28 @@ def test_concurrent_invocations_merge_rows():
     assert "oppu" not in result["methods"] and result["runs"] == [run_a, run_b]
 
 
-def test_same_code_merge_drops_rows_of_another_code_version():
-    """Under same_code=true a row on disk from another code version is stale: resume drops it, and the merge with
-    a concurrent invocation must not bring it back; a row the other invocation computed on this code stays."""
-    from recsys_tapper.benchmark import merge_rows
+def test_merge_with_a_concurrent_invocation_drops_rows_resume_would_drop():
+    """The merge with a concurrent invocation takes only the disk rows that resume would reuse: under
+    same_code=true a row of another code version is stale, and under any setting a row of other settings or
+    without settings is; a row the other invocation computed on this code and these settings stays."""
+    from recsys_tapper.benchmark import merge_from_disk
 
+    cfg, other = _cfg(), _cfg(lr_user=0.05)
+    cfg.same_code = True
     disk = {"table_started": "t0", "runs": [],
-            "methods": {"tapper": {"mae": 0.8, "code_hash": "old"}, "user_mean": {"mae": 0.9, "code_hash": "new"},
-                        "oppu": {"mae": 1.1}}}  # a row written before rows recorded their code
+            "methods": {"tapper": {"mae": 0.8, "code_hash": "old", "settings": method_settings(cfg, "tapper")},
+                        "user_mean": {"mae": 0.9, "code_hash": "new", "settings": method_settings(cfg, "user_mean")},
+                        "tapper_pq_only": {"mae": 0.7, "code_hash": "new",
+                                           "settings": method_settings(other, "tapper_pq_only")},
+                        "oppu": {"mae": 1.1}}}  # a row written before rows recorded their settings and code
+    mine = {"tapper_no_time"}
     result = {"table_started": "t0", "runs": [], "methods": {"tapper_no_time": {"mae": 0.85, "code_hash": "new"}}}
-    merge_rows(result, disk, {"tapper_no_time"}, code="new")
+    merge_from_disk(result, disk, mine, cfg, "new")
     assert set(result["methods"]) == {"user_mean", "tapper_no_time"}
-    merge_rows(result, disk, {"tapper_no_time"})  # same_code=false: every row of the table is kept
-    assert set(result["methods"]) == {"user_mean", "tapper", "tapper_no_time", "oppu"}
+    assert disk["methods"]["tapper"]["mae"] == 0.8  # the disk table itself is left as it was
+    cfg.same_code = False  # another code version is no longer stale; other settings still are
+    merge_from_disk(result, disk, mine, cfg, "new")
+    assert set(result["methods"]) == {"user_mean", "tapper", "tapper_no_time"}
 
 
 def test_late_prefix_settings_decide_reuse():
