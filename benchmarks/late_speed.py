@@ -142,11 +142,9 @@ def main() -> None:
         prefill_trunk(trunk, fb_all, every, with_labels=False, desc="trunk cache, every test query")
         fill_s = time.perf_counter() - t
         model_all = build_tapper(cfg_k, plm, len(index_all), trunk=trunk, bank=fb_all.bank)
-        model_all.eval()
         bs = RunConfig().trainer.eval_batch_size
         t = time.perf_counter()
-        with torch.no_grad():
-            predict_labels(model_all, fb_all, every, task.labels, bs, desc="full test eval")
+        predict_labels(model_all, fb_all, every, task.labels, bs, desc="full test eval")  # eval mode, no_grad
         full_eval = {"queries": len(every), "users": len(index_all), "batch": bs,
                      "seconds": round(time.perf_counter() - t, 1), "trunk_fill_seconds": round(fill_s, 1)}
     payload = {
