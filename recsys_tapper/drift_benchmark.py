@@ -23,11 +23,15 @@ term (``model.text_weighting=sif``, ``model.pooling.content_beta``); ``tapper_no
 off. Stage 2 trains on every profile record after the first (``per_user=null``) for 3 epochs.
 
 Results go to ``results_dir/drift.json`` after every row (a killed run resumes; a row is reused only when every
-setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``::
+setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``. Two
+invocations can fill one table side by side, split by task: start the second with ``resume=true`` once the first
+has written its table; each save merges, under the table's lock, the rows the other wrote::
 
     tapper benchmark drift                                        # SmolLM2, the defaults (estimate printed)
     tapper benchmark drift tasks=[tagging] fractions=[0.1,0.5] methods=[tapper,tapper_no_time]
     tapper benchmark drift model=tiny trainer=smoke n_users=4 ~task_overrides results_dir=runs/drift  # smoke run
+    tapper benchmark drift resume=false 'tasks=[rating,headline]' &  # then, once it has written drift.json:
+    tapper benchmark drift 'tasks=[tagging]'                             # (resume=true, the default)
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from llm_bridge.backbone import SMOLLM2_LAYERS, load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.baselines.rag import RAG_METHODS, rag_samples
-from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings
+from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings, table_lock
 from recsys_tapper.build import build_trunk
 from recsys_tapper.checks import check_prefix_layer, check_readout
 from recsys_tapper.config import RunConfig
@@ -273,16 +277,28 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
     else:
         print(f"[drift] no wall-time estimate for backbone {backbone!r} (the measured costs are SmolLM2's)",
               flush=True)
-    result: dict = {"rows": {}, "stage1": {}}
+    result: dict = {"rows": {}, "stage1": {}, "table_started": meta["date"]}
     if (old := load_resumable(json_path, settings, cfg.resume)) is not None:
-        result = old
+        result = {"table_started": old.get("date"), **old}
     keys = ("command", "git_sha", "date", "machine")
     result.update(meta, settings=settings, runs=[*result.get("runs", []), {k: meta[k] for k in keys}],
                   estimate_s=est, tasks=cfg.tasks, fractions=cfg.fractions, methods=cfg.methods)
+    mine: set[str] = set()  # the rows and Stage-1 tasks this invocation computed
 
-    def save() -> None:
-        atomic_write_text(json_path, json.dumps(result, indent=2))
-        write_drift_report(result, out_dir)
+    def reusable(key: str, row: dict) -> bool:
+        return (row.get("task") in DRIFT_TASKS and row.get("method") in DRIFT_METHODS + OPTIONAL_METHODS
+                and row.get("settings") == row_settings(task_config(cfg, row["task"]), row["method"], row["task"]))
+
+    def save(key: str | None = None) -> None:
+        """Write the table; under its lock, with what a concurrent invocation of the same table (another
+        ``tasks=[...]``, started with resume=true on this one's table) wrote meanwhile."""
+        if key:
+            mine.add(key)
+        with table_lock(json_path):
+            if json_path.exists():
+                merge_drift(result, json.loads(json_path.read_text()), mine, reusable)
+            atomic_write_text(json_path, json.dumps(result, indent=2))
+            write_drift_report(result, out_dir)
 
     for task in cfg.tasks:
         tcfg = task_config(cfg, task)
@@ -293,6 +309,22 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
             _run_task(tcfg, task, todo, result, out_dir, meta, save)
     save()
     return result
+
+
+def merge_drift(result: dict, disk: dict, mine: set[str], reusable) -> None:
+    """Take into ``result`` what a concurrent invocation of the same table wrote to ``disk``: its rows that
+    ``reusable(key, row)`` accepts (what resume would reuse) except those this invocation computed (``mine``), its
+    Stage-1 entries (except ``stage1|<task>`` in ``mine``) and its runs. A disk table started by another run (an
+    older table replaced by resume=false) or of other shared settings gives nothing."""
+    if disk.get("table_started") != result.get("table_started") or disk.get("settings") != result.get("settings"):
+        return
+    theirs = {k: v for k, v in disk.get("rows", {}).items() if k not in mine and reusable(k, v)}
+    result["rows"] = {**theirs, **{k: v for k, v in result["rows"].items() if k in mine or k not in theirs}}
+    result["stage1"] = {**{t: v for t, v in disk.get("stage1", {}).items() if f"stage1|{t}" not in mine},
+                        **{t: v for t, v in result["stage1"].items() if f"stage1|{t}" in mine
+                           or t not in disk.get("stage1", {})}}
+    result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
+    result["tasks"] = [t for t in DRIFT_TASKS if t in result.get("tasks", []) or t in disk.get("tasks", [])]
 
 
 def _stage1(tcfg: DriftBenchmarkConfig, task: str, result: dict, out_dir: Path):
@@ -326,7 +358,7 @@ def _features(builders: dict, spec, m, lm, tok, users: UserIndex, examples: list
 
 def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: dict, save) -> None:
     lm, tok, cache = _stage1(tcfg, task, result, out_dir)
-    save()
+    save(f"stage1|{task}")
     spec = get_task(tcfg.task.name)
     trunk = build_trunk(tcfg.model, lm, {"stage1": file_digest(cache)})  # one per task: rows repeat across f
     ex = LocalExecutor()
@@ -370,7 +402,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name, task),
                 "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"],
                 "machine": meta["machine"]}  # a resumed table's rows can come from several machines
-            save()
+            save(row_key(task, frac, name))
             metric = DRIFT_TASKS[task][2]
             print(f"[drift] {task} f={frac:g} {name}: {metric} {rep.get(metric, float('nan')):.3f}", flush=True)
 

@@ -326,3 +326,29 @@ def test_a_drift_table_of_other_settings_is_not_overwritten(tmp_path):
     assert load_resumable(path, _settings(cfg), resume=False) is None
     path.write_text(json.dumps({"settings": _settings(cfg), "rows": {"x": {}}}))
     assert load_resumable(path, _settings(cfg), resume=True)["rows"] == {"x": {}}
+
+
+def test_concurrent_invocations_of_one_drift_table_merge_each_others_rows():
+    """Two invocations split by task fill one table: each save takes the other's rows and Stage-1 entry from
+    disk, keeps its own, drops a disk row resume would not reuse, and takes nothing from another table."""
+    row = lambda task, m, v, s="ok": {"task": task, "method": m, "accuracy": v, "settings": s}
+    settings = {"n_test": 3}
+    disk = {"table_started": "t0", "settings": settings, "tasks": ["rating", "headline"],
+            "runs": [{"command": "a"}], "stage1": {"rating": {"seconds": 1.0}, "tagging": {"seconds": 9.0}},
+            "rows": {"rating|0.1|tapper": row("rating", "tapper", 0.5),
+                     "rating|0.1|tapper_no_time": row("rating", "tapper_no_time", 0.4, s="stale"),
+                     "tagging|0.1|tapper": row("tagging", "tapper", 0.1)}}  # an older value of mine
+    result = {"table_started": "t0", "settings": settings, "tasks": ["tagging"],
+              "runs": [{"command": "a"}, {"command": "b"}], "stage1": {"tagging": {"seconds": 2.0}},
+              "rows": {"tagging|0.1|tapper": row("tagging", "tapper", 0.9)}}
+    mine = {"stage1|tagging", "tagging|0.1|tapper"}
+    drift_benchmark.merge_drift(result, disk, mine, lambda k, r: r["settings"] == "ok")
+    assert result["rows"] == {"rating|0.1|tapper": row("rating", "tapper", 0.5),
+                              "tagging|0.1|tapper": row("tagging", "tapper", 0.9)}
+    assert result["stage1"] == {"rating": {"seconds": 1.0}, "tagging": {"seconds": 2.0}}
+    assert result["runs"] == [{"command": "a"}, {"command": "b"}]
+    assert result["tasks"] == ["tagging", "rating", "headline"]
+    before = json.loads(json.dumps(result))
+    for other in ({**disk, "table_started": "t1"}, {**disk, "settings": {"n_test": 1}}):
+        drift_benchmark.merge_drift(result, other, mine, lambda k, r: True)
+        assert result == before  # a replaced table or one of other settings gives nothing
