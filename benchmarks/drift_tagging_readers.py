@@ -39,7 +39,8 @@ from recsys_tapper.synthetic import TAG_CUES, TAGS, drift_point, synthetic_taggi
 OUT = REPO / "benchmarks" / "results" / "drift_tagging_readers.json"
 FRACTIONS = (0.1, 0.25, 0.5)
 # (name, seed, test queries per user): the benchmark's scored draw and the validation draw its settings use
-DRAWS = (("scored", 0, 1), ("validation", 1, 3))
+# the scored table's draw (n_test=3 since cc1d7e6), the earlier table's (n_test=1), the validation draw
+DRAWS = (("scored", 0, 3), ("scored_n_test1", 0, 1), ("validation", 1, 3))
 N_USERS, N_RECORDS = 100, 20
 
 
