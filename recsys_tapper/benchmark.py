@@ -209,6 +209,11 @@ def table_lock(json_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def merge_runs(result: dict, disk: dict) -> None:
+    """The runs of a table two invocations share: the disk's, then this invocation's that are not on disk yet."""
+    result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
+
+
 def merge_rows(result: dict, disk: dict, mine: set[str]) -> None:
     """Take into ``result`` what another invocation of the same table wrote to ``disk``: its rows (except the
     ones this invocation computed, ``mine``, and rows of methods this code no longer has), its runs and the
@@ -218,7 +223,7 @@ def merge_rows(result: dict, disk: dict, mine: set[str]) -> None:
     methods = {**{k: v for k, v in disk.get("methods", {}).items() if k not in mine and k in METHOD_NAMES},
                **{k: v for k, v in result["methods"].items() if k in mine or k not in disk.get("methods", {})}}
     result["methods"] = {k: methods[k] for k in sorted(methods, key=METHOD_NAMES.index)}
-    result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
+    merge_runs(result, disk)
     if result.get("stage1_s") is None:
         result["stage1_s"] = disk.get("stage1_s")
 

@@ -53,7 +53,7 @@ from llm_bridge.backbone import SMOLLM2_LAYERS, load_backbone
 from llm_bridge.encoder import TextEncoder
 from llm_bridge.lora import add_lora, merge_lora
 from recsys_tapper.baselines.rag import RAG_METHODS, rag_samples
-from recsys_tapper.benchmark import ABLATIONS, file_digest, method_settings, table_lock
+from recsys_tapper.benchmark import ABLATIONS, file_digest, merge_runs, method_settings, table_lock
 from recsys_tapper.build import build_trunk
 from recsys_tapper.checks import check_prefix_layer, check_readout
 from recsys_tapper.config import RunConfig
@@ -285,9 +285,13 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
                   estimate_s=est, tasks=cfg.tasks, fractions=cfg.fractions, methods=cfg.methods)
     mine: set[str] = set()  # the rows and Stage-1 tasks this invocation computed
 
-    def reusable(key: str, row: dict) -> bool:
-        return (row.get("task") in DRIFT_TASKS and row.get("method") in DRIFT_METHODS + OPTIONAL_METHODS
-                and row.get("settings") == row_settings(task_config(cfg, row["task"]), row["method"], row["task"]))
+    tcfgs = {t: task_config(cfg, t) for t in DRIFT_TASKS}  # each task's config, composed once
+
+    def reusable(row: dict | None) -> bool:
+        """What resume reuses: a row of a known task and method whose own settings this config reproduces."""
+        return (row is not None and row.get("task") in DRIFT_TASKS
+                and row.get("method") in DRIFT_METHODS + OPTIONAL_METHODS
+                and row.get("settings") == row_settings(tcfgs[row["task"]], row["method"], row["task"]))
 
     def save(key: str | None = None) -> None:
         """Write the table; under its lock, with what a concurrent invocation of the same table (another
@@ -301,29 +305,27 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
             write_drift_report(result, out_dir)
 
     for task in cfg.tasks:
-        tcfg = task_config(cfg, task)
         todo = [(f, m) for f in cfg.fractions for m in cfg.methods
-                if m in cfg.rerun or result["rows"].get(row_key(task, f, m), {}).get("settings")
-                != row_settings(tcfg, m, task)]
+                if m in cfg.rerun or not reusable(result["rows"].get(row_key(task, f, m)))]
         if todo:
-            _run_task(tcfg, task, todo, result, out_dir, meta, save)
+            _run_task(tcfgs[task], task, todo, result, out_dir, meta, save)
     save()
     return result
 
 
 def merge_drift(result: dict, disk: dict, mine: set[str], reusable) -> None:
     """Take into ``result`` what a concurrent invocation of the same table wrote to ``disk``: its rows that
-    ``reusable(key, row)`` accepts (what resume would reuse) except those this invocation computed (``mine``), its
+    ``reusable(row)`` accepts (what resume would reuse) except those this invocation computed (``mine``), its
     Stage-1 entries (except ``stage1|<task>`` in ``mine``) and its runs. A disk table started by another run (an
     older table replaced by resume=false) or of other shared settings gives nothing."""
     if disk.get("table_started") != result.get("table_started") or disk.get("settings") != result.get("settings"):
         return
-    theirs = {k: v for k, v in disk.get("rows", {}).items() if k not in mine and reusable(k, v)}
+    theirs = {k: v for k, v in disk.get("rows", {}).items() if k not in mine and reusable(v)}
     result["rows"] = {**theirs, **{k: v for k, v in result["rows"].items() if k in mine or k not in theirs}}
     result["stage1"] = {**{t: v for t, v in disk.get("stage1", {}).items() if f"stage1|{t}" not in mine},
                         **{t: v for t, v in result["stage1"].items() if f"stage1|{t}" in mine
                            or t not in disk.get("stage1", {})}}
-    result["runs"] = [*disk.get("runs", []), *[r for r in result["runs"] if r not in disk.get("runs", [])]]
+    merge_runs(result, disk)
     result["tasks"] = [t for t in DRIFT_TASKS if t in result.get("tasks", []) or t in disk.get("tasks", [])]
 
 

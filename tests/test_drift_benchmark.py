@@ -342,7 +342,7 @@ def test_concurrent_invocations_of_one_drift_table_merge_each_others_rows():
               "runs": [{"command": "a"}, {"command": "b"}], "stage1": {"tagging": {"seconds": 2.0}},
               "rows": {"tagging|0.1|tapper": row("tagging", "tapper", 0.9)}}
     mine = {"stage1|tagging", "tagging|0.1|tapper"}
-    drift_benchmark.merge_drift(result, disk, mine, lambda k, r: r["settings"] == "ok")
+    drift_benchmark.merge_drift(result, disk, mine, lambda r: r["settings"] == "ok")
     assert result["rows"] == {"rating|0.1|tapper": row("rating", "tapper", 0.5),
                               "tagging|0.1|tapper": row("tagging", "tapper", 0.9)}
     assert result["stage1"] == {"rating": {"seconds": 1.0}, "tagging": {"seconds": 2.0}}
@@ -350,5 +350,5 @@ def test_concurrent_invocations_of_one_drift_table_merge_each_others_rows():
     assert result["tasks"] == ["tagging", "rating", "headline"]
     before = json.loads(json.dumps(result))
     for other in ({**disk, "table_started": "t1"}, {**disk, "settings": {"n_test": 1}}):
-        drift_benchmark.merge_drift(result, other, mine, lambda k, r: True)
+        drift_benchmark.merge_drift(result, other, mine, lambda r: True)
         assert result == before  # a replaced table or one of other settings gives nothing
