@@ -24,8 +24,9 @@ off. Stage 2 trains on every profile record after the first (``per_user=null``) 
 
 Results go to ``results_dir/drift.json`` after every row (a killed run resumes; a row is reused only when every
 setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``. Two
-invocations can fill one table side by side, split by task: start the second with ``resume=true`` once the first
-has written its table; each save merges, under the table's lock, the rows the other wrote::
+invocations can fill one table side by side, split by task or fraction: start the second with ``resume=true`` once
+the first has written its table (before its first Stage 1); each save merges, under the table's lock, the rows the
+other wrote, and invocations sharing a task train its Stage 1 once (a lock per task)::
 
     tapper benchmark drift                                        # SmolLM2, the defaults (estimate printed)
     tapper benchmark drift tasks=[tagging] fractions=[0.1,0.5] methods=[tapper,tapper_no_time]
@@ -359,8 +360,12 @@ def _features(builders: dict, spec, m, lm, tok, users: UserIndex, examples: list
 
 
 def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: dict, save) -> None:
-    lm, tok, cache = _stage1(tcfg, task, result, out_dir)
-    save(f"stage1|{task}")
+    # One task's Stage 1 at a time across the invocations of this table: an invocation of the same task that
+    # started meanwhile waits, takes the entry the first wrote (save merges it from disk) and loads its LoRA.
+    with table_lock(out_dir / f"drift_{task}_stage1.lock"):
+        save()
+        lm, tok, cache = _stage1(tcfg, task, result, out_dir)
+        save(f"stage1|{task}")
     spec = get_task(tcfg.task.name)
     trunk = build_trunk(tcfg.model, lm, {"stage1": file_digest(cache)})  # one per task: rows repeat across f
     ex = LocalExecutor()

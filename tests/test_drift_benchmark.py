@@ -2,6 +2,9 @@
 
 import json
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -326,6 +329,33 @@ def test_a_drift_table_of_other_settings_is_not_overwritten(tmp_path):
     assert load_resumable(path, _settings(cfg), resume=False) is None
     path.write_text(json.dumps({"settings": _settings(cfg), "rows": {"x": {}}}))
     assert load_resumable(path, _settings(cfg), resume=True)["rows"] == {"x": {}}
+
+
+def test_two_invocations_of_one_task_train_its_stage1_once(tmp_path, monkeypatch):
+    """A second invocation of the same task, started while the first trains its Stage 1, waits for it and loads
+    the LoRA the first wrote; both fractions' rows end in the one table."""
+    base = [*SMALL, "tasks=[rating]", "methods=[non_personalized]", f"results_dir={tmp_path}"]
+    entered, go, calls = threading.Event(), threading.Event(), []
+    real = drift_benchmark.train_stage1
+
+    def slow(*a, **k):
+        calls.append(1)
+        entered.set()
+        go.wait(60)
+        return real(*a, **k)
+
+    monkeypatch.setattr(drift_benchmark, "train_stage1", slow)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(drift_benchmark.benchmark_drift, drift_config([*base, "fractions=[0.5]"]), "first")
+        assert entered.wait(60)  # the first is inside Stage 1, its table (table_started) on disk
+        second = pool.submit(drift_benchmark.benchmark_drift, drift_config([*base, "fractions=[0.2]"]), "second")
+        time.sleep(1.0)  # the second reaches the Stage-1 lock meanwhile
+        go.set()
+        first.result(), second.result()
+    assert calls == [1]
+    table = json.loads((tmp_path / "drift.json").read_text())
+    assert set(table["rows"]) == {"rating|0.5|non_personalized", "rating|0.2|non_personalized"}
+    assert [r["command"] for r in table["runs"]] == ["first", "second"]
 
 
 def test_concurrent_invocations_of_one_drift_table_merge_each_others_rows():
