@@ -39,11 +39,26 @@ def write_drift_report(result: dict, out_dir: Path) -> None:
         write_drift_plot(result, out_dir / "drift.png")
 
 
+def _rows_by_commit(result: dict) -> list[str]:
+    """A line naming which rows each commit computed, when they come from more than one (a table resumed after
+    a change that reran some rows); nothing otherwise."""
+    by: dict[str, dict[str, list[str]]] = {}
+    for r in result["rows"].values():
+        sha = f"{(r.get('git_sha') or '–')[:7]}{' (dirty)' if r.get('dirty') else ''}"
+        by.setdefault(sha, {}).setdefault(f"{r['task']} {r['method']}", []).append(f"{r['drift_frac']:g}")
+    if len(by) <= 1:
+        return []
+    parts = [f"git `{sha}`: " + ", ".join(f"{row} (f = {'/'.join(sorted(fs, key=float))})" for row, fs in rows.items())
+             for sha, rows in by.items()]
+    return ["Rows by commit: " + "; ".join(parts) + ".", ""]
+
+
 def write_drift_markdown(result: dict, path: Path) -> None:
     s = result.get("settings", {})
     lines = [
         "# Synthetic drift: each method's metric against the fraction f of the profile after the drift point", "",
-        (f"Command: `{result.get('command')}` · git `{(result.get('git_sha') or '–')[:7]}`"
+        (f"{'Command' if len(result.get('runs') or []) <= 1 else 'Last saved by'}: `{result.get('command')}` · git "
+        f"`{(result.get('git_sha') or '–')[:7]}`"
         f"{' (dirty)' if result.get('dirty') else ''} · {result.get('date')} · backbone `{s.get('backbone')}`"), "",
         (f"{s.get('n_users')} users per task and fraction, {s.get('n_records')} profile records and {s.get('n_test')} "
         f"test quer{'y' if s.get('n_test') == 1 else 'ies'} each; the last f of every profile and the test queries "
@@ -52,6 +67,7 @@ def write_drift_markdown(result: dict, path: Path) -> None:
         *(["Runs that wrote this table: " + "; ".join(f"`{r['command']}` (git {(r.get('git_sha') or '–')[:7]}, "
                                                       f"{r['date']})" for r in result["runs"]), ""]
           if result.get("runs") else []),
+        *_rows_by_commit(result),
     ]
     for task, methods in _grid(result).items():
         metric, higher = _metric(methods)

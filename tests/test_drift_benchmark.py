@@ -313,6 +313,28 @@ def test_every_panel_of_the_drift_plot_has_a_legend_of_its_own_methods():
     assert legends == [["tapper", "tapper_no_time"], ["tapper", "tapper_no_content"]]
 
 
+def test_drift_md_names_each_commits_rows_when_a_resumed_table_mixes_commits(tmp_path):
+    from recsys_tapper.drift_report import write_drift_markdown
+
+    def row(method, frac, sha):
+        return {"task": "tagging", "layout": "LaMP-2M", "method": method, "drift_frac": frac, "metric": "accuracy",
+                "higher_is_better": True, "accuracy": 0.5, "git_sha": sha, "dirty": False}
+
+    rows = [row("rag_recency_k4", f, "a" * 40) for f in (0.1, 0.5)] + [row("tapper", f, "b" * 40) for f in (0.5, 0.1)]
+    table = {"rows": {str(i): r for i, r in enumerate(rows)}, "command": "c2", "git_sha": "b" * 40,
+             "runs": [{"command": "c1", "date": "d1"}, {"command": "c2", "date": "d2"}]}
+    write_drift_markdown(table, tmp_path / "drift.md")
+    md = (tmp_path / "drift.md").read_text()
+    assert "Last saved by: `c2`" in md
+    assert ("Rows by commit: git `aaaaaaa`: tagging rag_recency_k4 (f = 0.1/0.5); "
+            "git `bbbbbbb`: tagging tapper (f = 0.1/0.5).") in md
+    table["rows"] = {"0": rows[0]}
+    table["runs"] = table["runs"][:1]
+    write_drift_markdown(table, tmp_path / "drift.md")
+    md = (tmp_path / "drift.md").read_text()
+    assert "Rows by commit" not in md and "Command: `c2`" in md
+
+
 def test_a_drift_table_of_other_settings_is_not_overwritten(tmp_path):
     """The drift table resumes through the same check as ml100k's: another run's table on disk stops the run
     before any work, and the file is left as it was; with resume=false nothing is read back."""
