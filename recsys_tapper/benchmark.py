@@ -168,10 +168,12 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
     if name == "oppu":
         return asdict(oppu_config(cfg))
     t, m = cfg.trainer, cfg.model
+    pool_over = ABLATIONS[name].get("model", {}).get("pooling", {})
+    biased = pool_over.get("time_bias", m.pooling.time_bias) or pool_over.get("order_bias", m.pooling.order_bias)
     return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
             "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
             "projector": asdict(m.projector), "user_dim": m.user_dim,
-            "pooling": pooling_settings(m.pooling, ABLATIONS[name].get("model", {}).get("pooling", {})),
+            "pooling": pooling_settings(m.pooling, pool_over),
             "bridge_lora": asdict(m.bridge_lora), "max_history": m.max_history, "prefix_layer": m.prefix_layer,
             "item_dim": m.item_dim, "item_slots": m.item_slots, "warm_start": m.warm_start,
             "warm_start_rank": m.warm_start_rank, "trunk_dtype": m.trunk_dtype,
@@ -180,7 +182,8 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             # only when set, so rows written before these settings existed are still reused
             **({"lr_lambda": t.lr_lambda} if t.lr_lambda is not None else {}),
             **({"lambda_init": m.lambda_init} if m.lambda_init is not None else {}),
-            **({"lambda_init_latest": m.lambda_init_latest} if m.lambda_init_latest is not None else {}),
+            # which targets the prior is fitted on: nothing to a row without either bias (tapper_no_time)
+            **({"lambda_init_latest": m.lambda_init_latest} if m.lambda_init_latest is not None and biased else {}),
             **({"record_label_weight": m.record_label_weight} if m.record_label_weight else {}),
             **({"text_weighting": m.text_weighting} if m.text_weighting != "mean" else {})}
 

@@ -293,6 +293,11 @@ def test_the_soft_window_is_in_tappers_row_settings_and_not_in_no_times():
     assert row_settings(win, "tapper_no_time", "tagging") == row_settings(plain, "tapper_no_time", "tagging")
     assert row_settings(win, "tapper", "tagging")["pooling"]["window"] == 5.0
     assert "window" not in row_settings(plain, "tapper", "tagging")["pooling"]
+    # likewise the targets the recency prior is fitted on (model.lambda_init_latest)
+    latest = task_config(drift_config(["+task_overrides.tagging.model.lambda_init_latest=3"]), "tagging")
+    assert row_settings(latest, "tapper_no_time", "tagging") == row_settings(win, "tapper_no_time", "tagging")
+    assert row_settings(latest, "tapper", "tagging")["lambda_init_latest"] == 3
+    assert "lambda_init_latest" not in row_settings(win, "tapper", "tagging")
 
 
 def test_every_panel_of_the_drift_plot_has_a_legend_of_its_own_methods():
