@@ -10,7 +10,8 @@ The first bracket is the soft recency window, off by default (``window``): a lea
 ``window``) and strength lambda_w. Inside the window the penalty is near 0; past it, it grows linearly. The paper's
 lambda_o * log(1 + dpos) is a heavy-tailed power law: it cannot keep the last few records level and drop the older
 ones, which is what reads a recent drift best (``benchmarks/drift_tagging_readers.py``: recent_k). The window is
-part of the order bias, so ``order_bias=False`` (``tapper_no_time``) drops it with lambda_o.
+part of the order bias, so ``order_bias=False`` (``tapper_no_time``) drops it with lambda_o. With
+``learn_window=False`` the width and lambda_w stay where they start (a setting, not a learned scalar).
 
 The bracketed content term is off by default (the paper's score). With ``content_beta`` set it adds a learned
 beta (started at ``content_beta``) times the cosine of the centered query and record vectors: attention to the
@@ -57,6 +58,9 @@ class TimeAwarePoolingConfig:
     content_beta: None = the paper's score; b = add beta * cos(q - mu_q, h - mu_h) with a learned beta from b.
     window: None = the paper's order penalty; w = also subtract lambda_w * softplus(dpos - width), with the
         width learned from w records and lambda_w from ``WINDOW_LAMBDA_START``. Applied only with order_bias.
+    learn_window: False = the window's width and lambda_w stay at their start (w, ``WINDOW_LAMBDA_START``):
+        neither the data prior (``recsys_tapper.recency_prior``) nor Stage 2 moves them; lambda_t, lambda_o still
+        learn. The width is then a setting, chosen on validation queries.
     """
 
     time_bias: bool = True
@@ -64,6 +68,7 @@ class TimeAwarePoolingConfig:
     interaction_rank: int | None = None
     content_beta: float | None = None
     window: float | None = None
+    learn_window: bool = True
 
 
 WINDOW_LAMBDA_START = 1.0  # lambda_w's start: a record 5 places past the window scores ~5 below one inside it
@@ -96,6 +101,9 @@ class TimeAwarePooling(nn.Module):
         if self.windowed:  # only then, as beta
             self.window_lambda = nn.Parameter(torch.tensor(WINDOW_LAMBDA_START))
             self.window_width = nn.Parameter(torch.tensor(float(cfg.window)))
+            if not cfg.learn_window:  # a fixed window: the optimizer finds no gradient on them
+                self.window_lambda.requires_grad_(False)
+                self.window_width.requires_grad_(False)
 
     @property
     def windowed(self) -> bool:

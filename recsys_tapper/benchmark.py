@@ -191,9 +191,12 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
 def pooling_settings(pooling, override: dict | None = None) -> dict:
     """``asdict(pooling)`` without ``content_beta`` while off and without ``window`` while it does not apply: unset,
     or the order bias off in ``pooling`` or in the method's ``override`` (``tapper_no_time``'s; the override itself
-    is recorded beside, under ``overrides``). So rows written before these keys existed match."""
+    is recorded beside, under ``overrides``); ``learn_window`` only when the window applies and is fixed. So rows
+    written before these keys existed match."""
     order_bias = (override or {}).get("order_bias", pooling.order_bias)
-    off = {"content_beta": pooling.content_beta is None, "window": pooling.window is None or not order_bias}
+    no_window = pooling.window is None or not order_bias
+    off = {"content_beta": pooling.content_beta is None, "window": no_window,
+           "learn_window": no_window or pooling.learn_window}
     return {k: v for k, v in asdict(pooling).items() if not off.get(k, False)}
 
 

@@ -123,12 +123,14 @@ def init_lambdas(pooling, samples: Sequence[Sample], answers: Mapping[int, str],
                  rho: float = 1e-3, steps: int = 300, lr: float = 0.05) -> list[float]:
     """Fit the pooling's own enabled recency scalars to J, in place, with its own penalty
     (``TimeAwarePooling.bias``): lambda_t, lambda_o (the fit of :func:`fit_lambdas`) and, with the soft window,
-    lambda_w and the width. The lambdas start at 0, the width at ``pooling.cfg.window``; rho shrinks the lambdas
-    only. Returns ``pooling.recency_parameters()``'s values (a disabled bias keeps its start; with no sample to
-    fit, the enabled lambdas stay at 0 and the width at its start)."""
+    lambda_w and the width (unless the window is fixed: ``learn_window=False``). The lambdas start at 0, the width
+    at ``pooling.cfg.window``; rho shrinks the lambdas only. Returns ``pooling.recency_parameters()``'s values (a
+    disabled bias or a fixed window keeps its start; with no sample to fit, the enabled lambdas stay at 0 and the
+    width at its start)."""
     params = pooling.recency_parameters()
     on = ([pooling.lambda_t] if pooling.cfg.time_bias else []) + (
         [p for p in params if p is not pooling.lambda_t] if pooling.cfg.order_bias else [])
+    on = [p for p in on if p.requires_grad]  # a fixed window (``learn_window=False``) keeps its start
     lambdas = [p for p in on if not (pooling.windowed and p is pooling.window_width)]
     with torch.no_grad():
         for p in lambdas:

@@ -298,6 +298,11 @@ def test_the_soft_window_is_in_tappers_row_settings_and_not_in_no_times():
     assert row_settings(latest, "tapper_no_time", "tagging") == row_settings(win, "tapper_no_time", "tagging")
     assert row_settings(latest, "tapper", "tagging")["lambda_init_latest"] == 3
     assert "lambda_init_latest" not in row_settings(win, "tapper", "tagging")
+    # and a fixed window (model.pooling.learn_window=false): recorded only when the window applies and is fixed
+    fixed = task_config(drift_config(["+task_overrides.tagging.model.pooling.learn_window=false"]), "tagging")
+    assert row_settings(fixed, "tapper_no_time", "tagging") == row_settings(win, "tapper_no_time", "tagging")
+    assert row_settings(fixed, "tapper", "tagging")["pooling"]["learn_window"] is False
+    assert "learn_window" not in row_settings(win, "tapper", "tagging")["pooling"]
 
 
 def test_every_panel_of_the_drift_plot_has_a_legend_of_its_own_methods():

@@ -132,6 +132,27 @@ def test_the_data_prior_fits_the_soft_window_and_reads_a_recent_drift_better_tha
     assert all(p.requires_grad for p in windowed.parameters())
 
 
+def test_a_fixed_window_keeps_its_width_and_strength_while_the_lambdas_fit_and_train():
+    """``learn_window=False``: the data prior fits lambda_o around the window without moving lambda_w or the width
+    (on the histories above it would close the window to ~3), and a training loss gives them no gradient."""
+    from embeddings.pooling import WINDOW_LAMBDA_START, TimeAwarePooling, TimeAwarePoolingConfig
+    from recsys_tapper.recency_prior import init_lambdas
+
+    samples, answers = [], {}
+    for i, tail in enumerate([["y", "y", "z"], ["y", "z", "y"], ["z", "y", "y"]] * 2):
+        hist = ["x"] * 6 + tail
+        rows = list(range(len(answers), len(answers) + len(hist)))
+        answers.update(zip(rows, hist))
+        samples.append(Sample(f"s{i}", "u", rows, [3.0 * j for j in range(len(hist))], 3.0 * len(hist), "q", "y"))
+    fixed = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False, window=5.0, learn_window=False), d=4)
+    _lt, lo, lw, width = init_lambdas(fixed, samples, answers, TAG)
+    assert (lw, width) == (WINDOW_LAMBDA_START, 5.0)
+    assert lo > 0.1  # lambda_o alone weighs the recent records up inside the fixed window
+    assert [p.requires_grad for p in fixed.recency_parameters()] == [True, True, False, False]
+    fixed.bias(torch.tensor([1.0, 9.0]), torch.tensor([1.0, 9.0])).sum().backward()
+    assert fixed.window_width.grad is None and fixed.window_lambda.grad is None and fixed.lambda_o.grad is not None
+
+
 def test_latest_targets_keeps_each_users_k_latest_in_order():
     from recsys_tapper.recency_prior import latest_targets
 
