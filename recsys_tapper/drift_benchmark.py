@@ -44,11 +44,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from embeddings.jagged import segment_ids, segment_sum
 from embeddings.record_bank import RecordBank
 from llm_bridge.backbone import SMOLLM2_LAYERS, load_backbone
 from llm_bridge.encoder import TextEncoder
@@ -67,6 +69,7 @@ from recsys_tapper.model import TapperModel, lambda_report
 from recsys_tapper.pipeline import personal_splits, prefill_trunk
 from recsys_tapper.runmeta import run_meta
 from recsys_tapper.synthetic import (
+    RECORD_DAYS,
     drift_point,
     synthetic_headline_task,
     synthetic_rating_task,
@@ -262,8 +265,6 @@ def benchmark_drift(cfg: DriftBenchmarkConfig, command: str = "tapper benchmark 
 
     check_drift_config(cfg)
     if cfg.trainer.threads:
-        import torch
-
         torch.set_num_threads(cfg.trainer.threads)
     out_dir = Path(cfg.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,6 +360,23 @@ def _features(builders: dict, spec, m, lm, tok, users: UserIndex, examples: list
     return builders[key]
 
 
+@torch.no_grad()
+def attention_after(model: TapperModel, fb: FeatureBuilder, samples: list, day: float, batch_size: int = 64) -> float:
+    """The mean share of P_q's attention on records dated ``day`` or later (after the drift point), over the
+    samples with a history: where the pooling looks, apart from how the LLM reads the prefix."""
+    shares = []
+    for i in range(0, len(samples), batch_size):
+        part = [s for s in samples[i : i + batch_size] if s.history_rows]
+        if not part:
+            continue
+        b = fb.collate(part, with_labels=False)
+        _, _, alpha = model.tower(b.users, b.history, b.q, b.extra_records)  # (T,)
+        after = torch.tensor([d is not None and d >= day for s in part for d in s.history_days], dtype=alpha.dtype)
+        lengths = torch.tensor([len(s.history_rows) for s in part])
+        shares += segment_sum((alpha * after)[:, None], segment_ids(lengths), len(part))[:, 0].tolist()
+    return sum(shares) / len(shares) if shares else float("nan")
+
+
 def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: dict, save) -> None:
     # One task's Stage 1 at a time across the invocations of this table: an invocation of the same task that
     # started meanwhile waits, takes the entry the first wrote (save merges it from disk) and loads its LoRA.
@@ -398,7 +416,9 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 vtest, vdev = vfb.question_samples(test), vfb.question_samples(train_chosen) if dev else []
                 prefill_trunk(trunk, vfb, vtest + vdev, with_labels=False, desc="trunk cache, queries")
                 rep, _, eval_s = score(ex, model, vfb, vtest, spec, vcfg, name, vdev)
-                extra = {**lambda_report(model), "n_stage2_examples": len(s2),
+                at_day = drift_point(tcfg.n_records, tcfg.n_test, True, frac) * RECORD_DAYS
+                extra = {**lambda_report(model), "attention_after_drift": attention_after(model, vfb, vtest, at_day),
+                         "n_stage2_examples": len(s2),
                          "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
                 model.lm.unload()
             result["rows"][row_key(task, frac, name)] = {

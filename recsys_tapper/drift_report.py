@@ -96,6 +96,8 @@ def write_drift_markdown(result: dict, path: Path) -> None:
                            f"w {_fmt(r.get('window_width_start'))} → {_fmt(r['window_width'])}")
                 if "beta" in r:  # the pooling's content term (model.pooling.content_beta)
                     on += f"; content β {_fmt(r.get('beta_start'))} → {_fmt(r['beta'])}"
+                if "attention_after_drift" in r:  # P_q's attention share on the post-drift records
+                    on += f"; attention after the drift {_fmt(r['attention_after_drift'])}"
                 lines.append(f"| {name} | {f:g} | {_fmt(r.get('lambda_t_start'))} → {_fmt(r['lambda_t'])} | "
                              f"{_fmt(r.get('lambda_o_start'))} → {_fmt(r['lambda_o'])} | {on} | "
                              f"{r.get('n_stage2_examples')} | {_fmt(r.get('train_s'), '.0f')} |")

@@ -21,7 +21,7 @@ one. Old records then mislead and the test queries follow the new rule. The drif
 
 Layout: per user, the train split has one question (the last training record) whose profile holds the
 records before it; the test split has ``n_test`` questions whose profile holds all ``n_records`` records.
-Record ``i`` is dated day ``3·i``.
+Record ``i`` is dated day ``3·i`` (:data:`RECORD_DAYS`).
 
 Example::
 
@@ -42,6 +42,7 @@ from recsys_tapper.data import LABEL_SETS, LampExample, ProfileRecord, write_lam
 from recsys_tapper.io import atomic_write_text
 from recsys_tapper.tasks import get_task
 
+RECORD_DAYS = 3.0  # record i of a timeline is dated day RECORD_DAYS * i
 GENRES = ("action", "comedy", "drama", "horror", "romance", "sci-fi")
 SOURCE = {"source": "SYNTHETIC"}
 
@@ -105,7 +106,7 @@ def synthetic_rating_task(
             g = rng.choice(GENRES)
             t = taste[g] * (-1.0 if _drifted(at, i) else 1.0)
             title = f"film {rng.randrange(10_000)} | {g}"
-            recs.append((f"{user}_{i}", title, _rating(t, rng), float(i * 3)))
+            recs.append((f"{user}_{i}", title, _rating(t, rng), i * RECORD_DAYS))
         profile = tuple(ProfileRecord(rid, {"text": txt, "score": sc}, day) for rid, txt, sc, day in recs[:n_records])
         last = recs[n_records - 1]
         train.append(LampExample(f"{user}_train", user, template.format(text=last[1]), profile[:-1], last[3],
@@ -160,7 +161,7 @@ def synthetic_tagging_task(
             rng.shuffle(cues)
             desc = (f"A {rng.choice(_ADJECTIVES)} film about {TAG_CUES[cues[0]]}, {TAG_CUES[cues[1]]} "
                     f"and {TAG_CUES[cues[2]]}.")
-            recs.append((f"{user}_{i}", {"description": desc, "tag": gold}, float(i * 3), gold))
+            recs.append((f"{user}_{i}", {"description": desc, "tag": gold}, i * RECORD_DAYS, gold))
         tr, te = _layout(user, recs, n_records, lambda f: template.format(**f), SOURCE)
         train.append(tr)
         test.extend(te)
@@ -225,7 +226,7 @@ def synthetic_headline_task(
                     f"officials said.")
             style = second if _drifted(at, i) else first
             title = apply_style(f"{subj} {present} {obj}", style, signature)
-            recs.append((f"{user}_{i}", {"text": text, "title": title}, float(i * 3), title))
+            recs.append((f"{user}_{i}", {"text": text, "title": title}, i * RECORD_DAYS, title))
         tr, te = _layout(user, recs, n_records, lambda f: template.format(**f), SOURCE)
         train.append(tr)
         test.extend(te)

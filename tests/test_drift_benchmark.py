@@ -414,3 +414,21 @@ def test_concurrent_invocations_of_one_drift_table_merge_each_others_rows():
     for other in ({**disk, "table_started": "t1"}, {**disk, "settings": {"n_test": 1}}):
         drift_benchmark.merge_drift(result, other, mine, lambda r: True)
         assert result == before  # a replaced table or one of other settings gives nothing
+
+
+def test_attention_after_is_the_mean_share_of_attention_on_records_from_the_drift_day_on():
+    """By hand: alphas (0.2, 0.3, 0.5) over days (0, 3, 6) and (0.4, 0.6) over (0, 9), drift day 6: shares 0.5
+    and 0.6; a sample without history is left out of the mean."""
+    from types import SimpleNamespace
+
+    from recsys_tapper.drift_benchmark import attention_after
+    from recsys_tapper.features import Sample
+
+    samples = [Sample("a", "u", [0, 1, 2], [0.0, 3.0, 6.0], 9.0, "q", "x"),
+               Sample("e", "u", [], [], 9.0, "q", "x"),
+               Sample("b", "v", [3, 4], [0.0, 9.0], 12.0, "q", "x")]
+    fb = SimpleNamespace(collate=lambda part, with_labels: SimpleNamespace(
+        users=None, history=[s.id for s in part], q=None, extra_records=None))
+    alphas = {("a", "b"): torch.tensor([0.2, 0.3, 0.5, 0.4, 0.6])}
+    model = SimpleNamespace(tower=lambda users, history, q, extra: (None, None, alphas[tuple(history)]))
+    assert attention_after(model, fb, samples, day=6.0) == pytest.approx(0.55)
