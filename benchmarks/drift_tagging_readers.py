@@ -11,7 +11,8 @@ expectation over the readers' coin, on the benchmark's own draws):
   without time bias that learned perfectly which tags the user uses;
 - ``count``: the cued tag the user used most often (order-free, uses frequency);
 - ``recent_k``: a cued tag among the user's last k records, else ``count`` (``recent_best``: the best k per f on
-  these very queries, an upper bound for the family, not a chosen setting);
+  these very queries, an upper bound for the family, not a chosen setting; ``recent_by_k``: every k, to compare
+  with the width of TAP-PER's recency window);
 - ``rule``: knows the current tags (1.0 by construction; a check on the cue parsing).
 
 ``set`` is what an order-free reader can reach; ``1 - set`` is the largest margin any time-aware method can have
@@ -89,7 +90,8 @@ def evaluate(seed: int, n_test: int, frac: float) -> dict[str, float]:
     res = {k: round(v / n, 4) for k, v in sums.items() if not k.startswith("recent_")}
     recent = {int(k.split("_")[1]): v / n for k, v in sums.items() if k.startswith("recent_")}
     best_k = max(recent, key=recent.get)
-    res.update({"recent_1": round(recent[1], 4), "recent_best": round(recent[best_k], 4), "recent_best_k": best_k,
+    res.update({"recent_by_k": {k: round(v, 4) for k, v in sorted(recent.items())},
+                "recent_1": round(recent[1], 4), "recent_best": round(recent[best_k], 4), "recent_best_k": best_k,
                 "queries": n, "max_margin_over_set": round(1.0 - res["set"], 4)})
     return res
 
