@@ -22,7 +22,8 @@ label embedding to its vector (``model.record_label_weight=1``); ``tapper_random
 term (``model.text_weighting=sif``, ``model.pooling.content_beta``); ``tapper_no_content`` (optional) turns both
 off. Stage 2 trains on every profile record after the first (``per_user=null``) for 3 epochs.
 
-Results go to ``results_dir/drift.json`` after every row (a killed run resumes; a row is reused only when every
+Results go to ``results_dir/drift.json`` after every row, each row's answers to
+``results_dir/predictions/<task>_<f>_<method>.jsonl`` (a killed run resumes; a row is reused only when every
 setting it depends on is unchanged; ``rerun=[tapper]`` recomputes), then ``drift.md`` and ``drift.png``. Two
 invocations can fill one table side by side, split by task or fraction: start the second with ``resume=true`` once
 the first has written its table (before its first Stage 1); each save merges, under the table's lock, the rows the
@@ -360,6 +361,20 @@ def _features(builders: dict, spec, m, lm, tok, users: UserIndex, examples: list
     return builders[key]
 
 
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """One JSON line per test query: id, user, gold, the answer (``pred``; ``pred_generate`` beside it when
+    generated too) and, for label-set scoring, every label's score (3 decimals), to see which errors a row makes."""
+    keep = ("id", "user", "gold", "pred", "pred_generate")
+    lines = []
+    for r in rows:
+        out = {k: r[k] for k in keep if k in r}
+        if "label_scores" in r:
+            out["label_scores"] = {lab: round(v, 3) for lab, v in r["label_scores"].items()}
+        lines.append(json.dumps(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 @torch.no_grad()
 def attention_after(model: TapperModel, fb: FeatureBuilder, samples: list, day: float, batch_size: int = 64) -> float:
     """The mean share of P_q's attention on records dated ``day`` or later (after the drift point), over the
@@ -400,12 +415,12 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
             t0 = time.perf_counter()
             extra: dict = {}
             if name == "non_personalized":
-                rep, _, eval_s = score(ex, base, fb, test_samples, spec, tcfg, name, dev)
+                rep, preds, eval_s = score(ex, base, fb, test_samples, spec, tcfg, name, dev)
                 train_s = 0.0
             elif name in RAG_METHODS:
                 method, k = RAG_METHODS[name]
                 fb_rag = FeatureBuilder(tok, fb.encoder, spec, fb.bank, users, tcfg.rag_max_prompt_tokens)
-                rep, _, eval_s = score(ex, base, fb_rag, rag_samples(fb_rag, test, k=k, method=method), spec,
+                rep, preds, eval_s = score(ex, base, fb_rag, rag_samples(fb_rag, test, k=k, method=method), spec,
                                        tcfg, name)
                 train_s = 0.0
             else:
@@ -415,7 +430,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 model, s2, losses, train_s, _ = train_stage2(vcfg, lm, vfb, users, train_chosen, trunk, resume=resume)
                 vtest, vdev = vfb.question_samples(test), vfb.question_samples(train_chosen) if dev else []
                 prefill_trunk(trunk, vfb, vtest + vdev, with_labels=False, desc="trunk cache, queries")
-                rep, _, eval_s = score(ex, model, vfb, vtest, spec, vcfg, name, vdev)
+                rep, preds, eval_s = score(ex, model, vfb, vtest, spec, vcfg, name, vdev)
                 at_day = drift_point(tcfg.n_records, tcfg.n_test, True, frac) * RECORD_DAYS
                 extra = {**lambda_report(model), "attention_after_drift": attention_after(model, vfb, vtest, at_day),
                          "n_stage2_examples": len(s2),
@@ -429,6 +444,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name, task),
                 "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"],
                 "machine": meta["machine"]}  # a resumed table's rows can come from several machines
+            write_predictions(out_dir / "predictions" / f"{task}_{frac:g}_{name}.jsonl", preds)
             save(row_key(task, frac, name))
             metric = DRIFT_TASKS[task][2]
             print(f"[drift] {task} f={frac:g} {name}: {metric} {rep.get(metric, float('nan')):.3f}", flush=True)
