@@ -432,3 +432,23 @@ def test_attention_after_is_the_mean_share_of_attention_on_records_from_the_drif
     alphas = {("a", "b"): torch.tensor([0.2, 0.3, 0.5, 0.4, 0.6])}
     model = SimpleNamespace(tower=lambda users, history, q, extra: (None, None, alphas[tuple(history)]))
     assert attention_after(model, fb, samples, day=6.0) == pytest.approx(0.55)
+
+
+def test_tagging_errors_sort_each_answer_by_what_the_question_and_profile_say():
+    """benchmarks/drift_tagging_errors.py by hand: a profile of comedy, comedy, action before the drift point
+    (record 3) and sci-fi, romance, sci-fi after it; a question cueing sci-fi (gold), comedy and fantasy."""
+    from benchmarks.drift_tagging_errors import sort_answers
+    from recsys_tapper.data import LampExample, ProfileRecord
+    from recsys_tapper.synthetic import TAG_CUES
+
+    tags = ["comedy", "comedy", "action", "sci-fi", "romance", "sci-fi"]
+    profile = tuple(ProfileRecord(f"u_{i}", {"description": "d", "tag": t}, 3.0 * i) for i, t in enumerate(tags))
+    question = f"tags: [...] description: A film about {TAG_CUES['sci-fi']}, {TAG_CUES['comedy']} and " \
+               f"{TAG_CUES['fantasy']}."
+    preds = ["sci-fi", "comedy", "fantasy", "romance", "violence"]
+    test = [LampExample(f"q{i}", "u", question, profile, 18.0, "sci-fi", {}) for i in range(len(preds))]
+    rows = [{"id": f"q{i}", "gold": "sci-fi", "pred": p} for i, p in enumerate(preds)]
+    out = sort_answers(rows, test, at=3)
+    assert [out[k] for k in ("right", "old_tag", "other_cued", "not_cued_recent", "not_cued_other")] == [0.2] * 5
+    assert out["accuracy_gold_in_last5"] == 0.2 and out["queries_gold_not_in_last5"] == 0
+    assert out["top3_are_the_cues"] is None  # no label scores in these rows
