@@ -169,7 +169,7 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
         return asdict(oppu_config(cfg))
     t, m = cfg.trainer, cfg.model
     pool_over = ABLATIONS[name].get("model", {}).get("pooling", {})
-    biased = pool_over.get("time_bias", m.pooling.time_bias) or pool_over.get("order_bias", m.pooling.order_bias)
+    biased = any(effective_biases(m.pooling, pool_over))
     return {"overrides": ABLATIONS[name], "stage2": asdict(t.stage2), "lr_user": t.lr_user, "lr_dense": t.lr_dense,
             "lr_bridge": t.lr_bridge, "wd_user": t.wd_user, "user_init_std": m.user_init_std,
             "projector": asdict(m.projector), "user_dim": m.user_dim,
@@ -188,12 +188,18 @@ def method_settings(cfg: BenchmarkConfig, name: str) -> dict:
             **({"text_weighting": m.text_weighting} if m.text_weighting != "mean" else {})}
 
 
+def effective_biases(pooling, override: dict | None = None) -> tuple[bool, bool]:
+    """(time_bias, order_bias) of ``pooling`` under a method's pooling ``override`` (``tapper_no_time``'s)."""
+    over = override or {}
+    return over.get("time_bias", pooling.time_bias), over.get("order_bias", pooling.order_bias)
+
+
 def pooling_settings(pooling, override: dict | None = None) -> dict:
     """``asdict(pooling)`` without ``content_beta`` while off and without ``window`` while it does not apply: unset,
     or the order bias off in ``pooling`` or in the method's ``override`` (``tapper_no_time``'s; the override itself
     is recorded beside, under ``overrides``); ``learn_window`` only when the window applies and is fixed. So rows
     written before these keys existed match."""
-    order_bias = (override or {}).get("order_bias", pooling.order_bias)
+    _, order_bias = effective_biases(pooling, override)
     no_window = pooling.window is None or not order_bias
     off = {"content_beta": pooling.content_beta is None, "window": no_window,
            "learn_window": no_window or pooling.learn_window}
