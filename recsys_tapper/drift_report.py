@@ -39,13 +39,17 @@ def write_drift_report(result: dict, out_dir: Path) -> None:
         write_drift_plot(result, out_dir / "drift.png")
 
 
+def _sha(meta: dict) -> str:
+    """A row's or a table's commit as the report shows it: ``abc1234``, with `` (dirty)`` for an unclean tree."""
+    return f"{(meta.get('git_sha') or '–')[:7]}{' (dirty)' if meta.get('dirty') else ''}"
+
+
 def _rows_by_commit(result: dict) -> list[str]:
     """A line naming which rows each commit computed, when they come from more than one (a table resumed after
     a change that reran some rows); nothing otherwise."""
     by: dict[str, dict[str, list[str]]] = {}
     for r in result["rows"].values():
-        sha = f"{(r.get('git_sha') or '–')[:7]}{' (dirty)' if r.get('dirty') else ''}"
-        by.setdefault(sha, {}).setdefault(f"{r['task']} {r['method']}", []).append(f"{r['drift_frac']:g}")
+        by.setdefault(_sha(r), {}).setdefault(f"{r['task']} {r['method']}", []).append(f"{r['drift_frac']:g}")
     if len(by) <= 1:
         return []
     parts = [f"git `{sha}`: " + ", ".join(f"{row} (f = {'/'.join(sorted(fs, key=float))})" for row, fs in rows.items())
@@ -58,8 +62,7 @@ def write_drift_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Synthetic drift: each method's metric against the fraction f of the profile after the drift point", "",
         (f"{'Command' if len(result.get('runs') or []) <= 1 else 'Last saved by'}: `{result.get('command')}` · git "
-        f"`{(result.get('git_sha') or '–')[:7]}`"
-        f"{' (dirty)' if result.get('dirty') else ''} · {result.get('date')} · backbone `{s.get('backbone')}`"), "",
+         f"`{_sha(result)}` · {result.get('date')} · backbone `{s.get('backbone')}`"), "",
         (f"{s.get('n_users')} users per task and fraction, {s.get('n_records')} profile records and {s.get('n_test')} "
         f"test quer{'y' if s.get('n_test') == 1 else 'ies'} each; the last f of every profile and the test queries "
         "follow the new rule (smaller f: a more recent drift). Stage 1: "
