@@ -103,6 +103,17 @@ def _agreement_prob(pool, samples, answers):
     return sum(out) / len(out)
 
 
+def _six_x_then_three() -> tuple[list[Sample], dict[int, str]]:
+    """Histories of six x then the three records (y y z) in each order, before a y target (twice each)."""
+    samples, answers = [], {}
+    for i, tail in enumerate([["y", "y", "z"], ["y", "z", "y"], ["z", "y", "y"]] * 2):
+        hist = ["x"] * 6 + tail
+        rows = list(range(len(answers), len(answers) + len(hist)))
+        answers.update(zip(rows, hist))
+        samples.append(Sample(f"s{i}", "u", rows, [3.0 * j for j in range(len(hist))], 3.0 * len(hist), "q", "y"))
+    return samples, answers
+
+
 def test_the_data_prior_fits_the_soft_window_and_reads_a_recent_drift_better_than_the_power_law():
     """init_lambdas fits the pooling's own recency scalars; with ``window`` it fits lambda_w and the width too.
     Histories of six x then the three records (y y z) in each order, before a y target: the best prior weighs the
@@ -111,12 +122,7 @@ def test_the_data_prior_fits_the_soft_window_and_reads_a_recent_drift_better_tha
     from embeddings.pooling import TimeAwarePooling, TimeAwarePoolingConfig
     from recsys_tapper.recency_prior import init_lambdas
 
-    samples, answers = [], {}
-    for i, tail in enumerate([["y", "y", "z"], ["y", "z", "y"], ["z", "y", "y"]] * 2):
-        hist = ["x"] * 6 + tail
-        rows = list(range(len(answers), len(answers) + len(hist)))
-        answers.update(zip(rows, hist))
-        samples.append(Sample(f"s{i}", "u", rows, [3.0 * j for j in range(len(hist))], 3.0 * len(hist), "q", "y"))
+    samples, answers = _six_x_then_three()
     plain = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False), d=4)
     got = init_lambdas(plain, samples, answers, TAG)
     assert got[1] == pytest.approx(fit_lambdas(samples, answers, TAG, time_bias=False)[1], abs=1e-6)
@@ -138,12 +144,7 @@ def test_a_fixed_window_keeps_its_width_and_strength_while_the_lambdas_fit_and_t
     from embeddings.pooling import WINDOW_LAMBDA_START, TimeAwarePooling, TimeAwarePoolingConfig
     from recsys_tapper.recency_prior import init_lambdas
 
-    samples, answers = [], {}
-    for i, tail in enumerate([["y", "y", "z"], ["y", "z", "y"], ["z", "y", "y"]] * 2):
-        hist = ["x"] * 6 + tail
-        rows = list(range(len(answers), len(answers) + len(hist)))
-        answers.update(zip(rows, hist))
-        samples.append(Sample(f"s{i}", "u", rows, [3.0 * j for j in range(len(hist))], 3.0 * len(hist), "q", "y"))
+    samples, answers = _six_x_then_three()
     fixed = TimeAwarePooling(TimeAwarePoolingConfig(time_bias=False, window=5.0, learn_window=False), d=4)
     _lt, lo, lw, width = init_lambdas(fixed, samples, answers, TAG)
     assert (lw, width) == (WINDOW_LAMBDA_START, 5.0)
