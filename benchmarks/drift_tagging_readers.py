@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import run_meta
 from recsys_tapper.io import atomic_write_text
-from recsys_tapper.synthetic import TAG_CUES, TAGS, drift_point, synthetic_tagging_task
+from recsys_tapper.synthetic import RECORD_DAYS, TAG_CUES, TAGS, drift_point, synthetic_tagging_task
 
 OUT = REPO / "benchmarks" / "results" / "drift_tagging_readers.json"
 FRACTIONS = (0.1, 0.25, 0.5)
@@ -80,11 +80,11 @@ def evaluate(seed: int, n_test: int, frac: float) -> dict[str, float]:
     _, test = synthetic_tagging_task(n_users=N_USERS, n_records=N_RECORDS, n_test=n_test, seed=seed, drift=True,
                                      drift_frac=frac)
     sums: Counter = Counter()
+    drift_day = drift_point(N_RECORDS, n_test, True, frac) * RECORD_DAYS
     for ex in test:
         tags = [r.fields["tag"] for r in sorted(ex.profile, key=lambda r: r.date)]
         # the current tags: those of the records after the drift point (the test queries follow them)
-        at = drift_point(N_RECORDS, n_test, True, frac)
-        current = tuple({r.fields["tag"] for r in ex.profile if r.date >= at * 3.0} | {ex.output})
+        current = tuple({r.fields["tag"] for r in ex.profile if r.date >= drift_day} | {ex.output})
         sums.update(readers(cued(ex.input), tags, ex.output, current))
     n = len(test)
     res = {k: round(v / n, 4) for k, v in sums.items() if not k.startswith("recent_")}

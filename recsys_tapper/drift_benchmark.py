@@ -405,6 +405,7 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
     base = TapperModel(lm, None, None)
     for frac in dict.fromkeys(f for f, _ in todo):
         train, test = drift_splits(tcfg, task, frac)
+        at = drift_point(tcfg.n_records, tcfg.n_test, True, frac)  # the first drifted record
         _, test, trainees, train_chosen = personal_splits(train, test, None, spec)
         users = UserIndex(trainees)
         builders: dict[tuple, FeatureBuilder] = {}  # one per kind of record vector the rows use
@@ -431,15 +432,15 @@ def _run_task(tcfg, task: str, todo: list, result: dict, out_dir: Path, meta: di
                 vtest, vdev = vfb.question_samples(test), vfb.question_samples(train_chosen) if dev else []
                 prefill_trunk(trunk, vfb, vtest + vdev, with_labels=False, desc="trunk cache, queries")
                 rep, preds, eval_s = score(ex, model, vfb, vtest, spec, vcfg, name, vdev)
-                at_day = drift_point(tcfg.n_records, tcfg.n_test, True, frac) * RECORD_DAYS
-                extra = {**lambda_report(model), "attention_after_drift": attention_after(model, vfb, vtest, at_day),
+                extra = {**lambda_report(model),
+                         "attention_after_drift": attention_after(model, vfb, vtest, at * RECORD_DAYS),
                          "n_stage2_examples": len(s2),
                          "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
                 model.lm.unload()
             result["rows"][row_key(task, frac, name)] = {
                 "task": task, "layout": spec.name, "drift_frac": frac, "method": name,
                 "metric": DRIFT_TASKS[task][2], "higher_is_better": DRIFT_TASKS[task][3],
-                "drift_at": drift_point(tcfg.n_records, tcfg.n_test, True, frac), **rep, **extra,
+                "drift_at": at, **rep, **extra,
                 "n_users": len(users), "n_queries": len(test_samples), "train_s": train_s, "eval_s": eval_s,
                 "wall_s": time.perf_counter() - t0, "settings": row_settings(tcfg, name, task),
                 "git_sha": meta["git_sha"], "dirty": meta.get("dirty"), "date": meta["date"],
